@@ -1,0 +1,100 @@
+"""Measure a saved checkpoint on a probe file and write the result as a one-record trace."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import losses as loss_zoo
+from .dynamics.measure import Geometry, PairDynamics, check_options, measure, pair_dynamics
+from .dynamics.scoring import sequence_logp
+from .errors import MarginscopeError
+from .loading import DTYPES, config_hash, load_model, load_tokenizer
+from .probes import load as load_probes
+from .trace.schema import Record, write_trace
+
+
+@dataclass
+class CheckpointMeasurement:
+    geometry: Geometry
+    dynamics: PairDynamics
+    ref_logp: np.ndarray
+    loss: Any
+    output: Path | None
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software a trace was made with."""
+    import torch
+    import transformers
+
+    from . import __version__
+    found = {"marginscope": __version__, "torch": torch.__version__,
+             "transformers": transformers.__version__, "python": platform.python_version()}
+    try:
+        import trl
+        found["trl"] = trl.__version__
+    except ImportError:
+        pass
+    return found
+
+
+def check_output_path(output: str | Path) -> Path:
+    """Fail before any heavy work when the output cannot be written."""
+    output = Path(output)
+    if output.is_dir():
+        raise MarginscopeError(f"{output}: is a directory, expected an output .h5 file path")
+    if not output.parent.exists():
+        raise MarginscopeError(f"{output}: folder {output.parent} does not exist")
+    return output
+
+
+def measure_checkpoint(model_dir: str | Path, probes_path: str | Path, *, output: str | Path | None = None,
+                       loss: str = "dpo", hparams: dict[str, float] | None = None,
+                       ref_dir: str | Path | None = None, tokenizer_dir: str | Path | None = None,
+                       params: str = "trainable", engine: str = "auto", per_token: str | None = None,
+                       batch_size: int = 8, padding_side: str = "right", add_eos: bool = False,
+                       dtype: str = "auto", device: str = "cpu", step: int = 0,
+                       progress: bool = False) -> CheckpointMeasurement:
+    """Load model, tokenizer and probes; measure; evaluate `loss` (reference = `ref_dir`, or the
+    model itself); write a one-record trace to `output` when given."""
+    out = check_output_path(output) if output is not None else None
+    check_options(engine=engine, per_token=per_token, batch_size=batch_size, padding_side=padding_side)
+    if dtype not in DTYPES:
+        raise MarginscopeError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    loss_fn = loss_zoo.get(loss, **(hparams or {}))
+    probes = load_probes(probes_path)
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    model = load_model(model_dir, dtype=dtype, device=device)
+    geo = measure(model, tokenizer, probes, params=params, engine=engine, per_token=per_token,
+                  batch_size=batch_size, padding_side=padding_side, add_eos=add_eos, progress=progress)
+    if ref_dir is None:
+        ref_logp = geo.logp
+    else:
+        ref_model = load_model(ref_dir, dtype=dtype, device=device)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ref_logp = sequence_logp(ref_model, geo.encoded, batch_size=batch_size,
+                                 padding_side=padding_side, pad_id=pad_id).numpy()
+    dyn = pair_dynamics(geo, loss_fn, ref_logp)
+    if out is not None:
+        metadata = {
+            "kind": "measure", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": str(model_dir), "model_config_hash": config_hash(model),
+            "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "reference": str(ref_dir) if ref_dir is not None else "model itself",
+            "loss": loss_fn.name, "loss_hparams": loss_fn.hparams, "scope": geo.scope_spec,
+            "n_params": geo.n_params, "engine": geo.engine, "per_token": geo.per_token,
+            "padding_side": padding_side, "add_eos": add_eos, "versions": versions(),
+        }
+        token_gram = {geo.probe_ids.index(pid): (g, *geo.token_sqnorm[pid]) for pid, g in geo.token_gram.items()}
+        record = Record(step=step, logp=geo.logp, token_logp=geo.token_logp, gram=geo.gram,
+                        d_w=dyn.d_w, d_l=dyn.d_l, case=dyn.case, predicted_delta=dyn.predicted_delta,
+                        observed_delta=np.full_like(geo.logp, np.nan), token_gram=token_gram)
+        write_trace(out, probes=probes, encoded=geo.encoded, names=geo.names, metadata=metadata,
+                    records=[record], ref_logp=ref_logp)
+    return CheckpointMeasurement(geo, dyn, np.asarray(ref_logp), loss_fn, out)

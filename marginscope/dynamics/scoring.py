@@ -1,0 +1,147 @@
+"""Response sets → token ids → per-token and sequence log-probs.
+
+Tokenization convention (the one TRL's DPOTrainer uses): the prompt is tokenized with the
+tokenizer's special tokens (e.g. BOS), each response on its own without special tokens (optionally
+followed by EOS), and the two id lists are concatenated. The prompt always takes part in the
+forward pass but is never scored: for a response y of T tokens,
+
+    log π(y | x) = Σ_t log softmax(f(x, y_<t))[y_t].
+
+Rows are padded on the left or right with explicit position ids, so both give the same numbers.
+Log-softmax runs in float32 at least (float64 models stay float64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..errors import MarginscopeError
+
+Row = tuple[Sequence[int], Sequence[int]]
+
+
+@dataclass(frozen=True)
+class EncodedProbe:
+    """The exact ids scored for one probe: the prompt and one id list per response name."""
+
+    probe_id: str
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[tuple[int, ...], ...]
+
+    def rows(self) -> list[Row]:
+        return [(self.prompt_ids, r) for r in self.response_ids]
+
+
+def model_max_length(model: PreTrainedModel) -> int | None:
+    """The longest sequence the model's position scheme accepts, when the config says so."""
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, probes, *, add_eos: bool = False,
+           max_length: int | None = None) -> list[EncodedProbe]:
+    """Tokenize every probe's prompt and responses (`probes.response_names` order)."""
+    names = probes.response_names
+    encoded = []
+    for probe in probes:
+        prompt_ids = tuple(tokenizer(probe.prompt, add_special_tokens=True)["input_ids"])
+        if not prompt_ids:
+            raise MarginscopeError(
+                f"probe {probe.id!r}: the prompt tokenizes to no ids and the tokenizer adds no BOS, "
+                "so the first response token has no context")
+        responses = []
+        texts = probe.responses
+        for name in names:
+            ids = list(tokenizer(texts[name], add_special_tokens=False)["input_ids"])
+            if add_eos:
+                if tokenizer.eos_token_id is None:
+                    raise MarginscopeError("add_eos=True but the tokenizer has no eos_token")
+                ids.append(tokenizer.eos_token_id)
+            if not ids:
+                raise MarginscopeError(f"probe {probe.id!r}: response {name!r} tokenizes to no ids")
+            total = len(prompt_ids) + len(ids)
+            if max_length is not None and total > max_length:
+                raise MarginscopeError(
+                    f"probe {probe.id!r}: prompt + {name} is {total} tokens, longer than the model's "
+                    f"context of {max_length}")
+            responses.append(tuple(ids))
+        encoded.append(EncodedProbe(probe.id, prompt_ids, tuple(responses)))
+    return encoded
+
+
+@dataclass
+class ScoredRows:
+    """Per-token log-probs of a batch of rows; `mask` marks real response tokens."""
+
+    token_logp: torch.Tensor  # [B, T] (0 where mask is False)
+    mask: torch.Tensor  # [B, T] bool
+
+    @property
+    def logp(self) -> torch.Tensor:
+        return self.token_logp.sum(-1)
+
+
+def _pad_batch(rows: Sequence[Row], padding_side: str, pad_id: int, device: torch.device):
+    lengths = [len(p) + len(r) for p, r in rows]
+    width = max(lengths)
+    t_max = max(len(r) for _, r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    # (row, position of the logit that predicts response token t, target id) for each scored token
+    logit_pos = torch.zeros((len(rows), t_max), dtype=torch.long)
+    targets = torch.zeros((len(rows), t_max), dtype=torch.long)
+    mask = torch.zeros((len(rows), t_max), dtype=torch.bool)
+    for b, (prompt, response) in enumerate(rows):
+        offset = width - lengths[b] if padding_side == "left" else 0
+        ids = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+        input_ids[b, offset:offset + lengths[b]] = ids
+        attention[b, offset:offset + lengths[b]] = 1
+        t = len(response)
+        logit_pos[b, :t] = offset + len(prompt) - 1 + torch.arange(t)
+        targets[b, :t] = torch.tensor(list(response), dtype=torch.long)
+        mask[b, :t] = True
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    return (input_ids.to(device), attention.to(device), position_ids.to(device),
+            logit_pos.to(device), targets.to(device), mask.to(device))
+
+
+def score_rows(model: PreTrainedModel, rows: Sequence[Row], *, padding_side: str = "right",
+               pad_id: int = 0) -> ScoredRows:
+    """Differentiable per-token log-probs of each row's response given its prompt (one forward)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    device = next(model.parameters()).device
+    input_ids, attention, position_ids, logit_pos, targets, mask = _pad_batch(
+        rows, padding_side, pad_id, device)
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                   use_cache=False).logits
+    picked = torch.gather(logits, 1, logit_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
+    token_logp = torch.gather(picked.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    return ScoredRows(token_logp.masked_fill(~mask, 0.0), mask)
+
+
+def sequence_logp(model: PreTrainedModel, encoded: Sequence[EncodedProbe], *, batch_size: int = 8,
+                  padding_side: str = "right", pad_id: int = 0) -> torch.Tensor:
+    """float64 [N, R] sequence log-probs without gradients (e.g. of a reference model), eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(encoded), batch_size):
+                chunk = encoded[start:start + batch_size]
+                rows = [row for probe in chunk for row in probe.rows()]
+                logp = score_rows(model, rows, padding_side=padding_side, pad_id=pad_id).logp
+                out.append(logp.to(torch.float64).cpu().reshape(len(chunk), -1))
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
