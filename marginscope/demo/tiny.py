@@ -99,5 +99,8 @@ def save_tiny(directory: str | Path, arch: str = "gpt2", seed: int = 0) -> Path:
 if __name__ == "__main__":
     import sys
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     target = save_tiny(sys.argv[1] if len(sys.argv) > 1 else "tiny-model")
     print(f"saved a tiny random-init gpt2 and its tokenizer to {target}")
