@@ -20,9 +20,10 @@ from .exact import (
     probe_chunks,
     select_parameters,
 )
+from .ghost import ghost_gram_chunk, ghost_supports
 from .scoring import EncodedProbe, encode, model_max_length
 
-ENGINES = ("auto", "exact")
+ENGINES = ("auto", "exact", "ghost")
 PER_TOKEN_TIERS = (None, "exact")
 
 
@@ -107,16 +108,20 @@ def measure(model: nn.Module, tokenizer: PreTrainedTokenizerBase, probes, *,
             progress: bool = False) -> Geometry:
     """Score every response of every probe and compute the Gram of their log-prob gradients.
 
-    engine: "exact" (one backward per response, float64 accumulation) or "auto" (the fastest exact
-    engine that covers the scope; currently "exact"). per_token: None or "exact" (one backward per
-    token, all parameters of the scope). The model's parameters, `.grad`, train/eval mode and the
-    RNG state are left exactly as they were.
+    engine: "exact" (one backward per response), "ghost" (one forward and one backward per chunk,
+    per-layer inner products without per-response gradients; same numbers) or "auto" ("ghost" when
+    it attributes every parameter of the scope, else "exact"); all accumulate in float64.
+    per_token: None or "exact" (one backward per token, all parameters of the scope). The model's
+    parameters, `.grad`, train/eval mode and the RNG state are left exactly as they were.
     """
     check_options(engine=engine, per_token=per_token, batch_size=batch_size, padding_side=padding_side)
     if isinstance(probes, str) or hasattr(probes, "__fspath__"):
         from ..probes import load
         probes = load(probes)
     scope = select_parameters(model, params)
+    if engine == "auto":
+        engine = "ghost" if ghost_supports(model, scope) else "exact"
+    gram_chunk = ghost_gram_chunk if engine == "ghost" else exact_gram_chunk
     encoded = encode(tokenizer, probes, add_eos=add_eos, max_length=model_max_length(model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     names = list(probes.response_names)
@@ -130,7 +135,7 @@ def measure(model: nn.Module, tokenizer: PreTrainedTokenizerBase, probes, *,
     with gradient_scope(model, scope), _progress(progress, steps) as advance:
         start = 0
         for chunk in chunks:
-            scored, grams = exact_gram_chunk(model, chunk, scope, padding_side=padding_side, pad_id=pad_id)
+            scored, grams = gram_chunk(model, chunk, scope, padding_side=padding_side, pad_id=pad_id)
             tl = scored.token_logp.to(torch.float64).cpu().numpy().reshape(len(chunk), r, -1)
             for k, probe in enumerate(chunk):
                 for j in range(r):
@@ -147,7 +152,7 @@ def measure(model: nn.Module, tokenizer: PreTrainedTokenizerBase, probes, *,
     return Geometry(
         probe_ids=[e.probe_id for e in encoded], names=names, logp=np.nansum(token_logp, axis=-1),
         lengths=lengths, token_logp=token_logp, gram=gram, encoded=encoded,
-        scope_names=list(scope.names), scope_spec=scope.spec, n_params=scope.numel, engine="exact",
+        scope_names=list(scope.names), scope_spec=scope.spec, n_params=scope.numel, engine=engine,
         per_token=per_token, token_gram=token_gram, token_sqnorm=token_sqnorm)
 
 

@@ -1,0 +1,495 @@
+"""Ghost engine: the exact Gram of per-response gradients from one forward and one backward.
+
+Rows are independent, so one backward of Σ_r log π(y_r | x) gives every module call's output
+cotangent D_r exactly as row r's own backward would. With the call's input X_r, each parameter's
+per-row gradient is known in factored form, G_r = Σ_t l_r,t ⊗ m_r,t, and Grams are contracted
+without ever materializing a parameter-sized tensor:
+
+    ⟨G_a, G'_b⟩ = Σ_{t,s} (l_a,t · l'_b,s)(m_a,t · m'_b,s)
+
+    nn.Linear weight [d_out, d_in]      l = D, m = X  → Σ (D_a D_bᵀ) ⊙ (X_a X_bᵀ)
+    GPT-2 Conv1D weight [d_in, d_out]   l = X, m = D
+    nn.Embedding weight (ids i)         l = one-hot(i), m = D → Σ [i_a,t = i_b,s] D_a,t · D_b,s
+    biases                              ∇b_r = Σ_t D_r,t, materialized
+    any other small leaf module         ∇θ_r materialized by a vmap over rows of a vjp (norms)
+
+A layer switches to materializing D_rᵀX_r when 2·T² > d_in·d_out. A parameter used by several calls
+(tied embeddings, a module called twice) has ∇θ_r = Σ_u ∇θ_r^u, so the cross terms of its uses are
+added. Everything is contracted per group of rows (one probe's responses) in float64. Module kinds
+are recognized by their `forward` function, never by isinstance alone.
+
+Limits: a generic module must treat rows independently (every norm does) and replay from its
+captured inputs; a scope parameter used outside the hooked calls (a functional use, a bypassed
+module, reentrant checkpointing) is detected by `GhostCollector.check_attribution`, not attributed;
+hooked calls' inputs are held until their cotangent arrives, so under checkpointing the collector
+keeps what checkpointing would have dropped; one forward/backward pass over one batch of rows per
+collector.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import MarginscopeError
+from .exact import ParameterScope
+from .scoring import EncodedProbe, ScoredRows, score_rows
+
+ROWWISE_MAX_NUMEL = 1 << 16  # largest own-parameter count of a generic module materialized per row
+
+
+@dataclass
+class Outer:
+    """Per-row gradient G_r = Σ_t l_r,t ⊗ m_r,t in the parameter's [dim_l, dim_m] layout.
+
+    `l` is [B, T, dim_l], or token ids [B, T] standing for one-hot rows; `columns` (sorted ids),
+    when set, are the parameter rows a dense `l` was cut down to (see `_compact`)."""
+
+    l: Tensor
+    m: Tensor
+    columns: Tensor | None = None
+
+    @property
+    def ids(self) -> bool:
+        return not self.l.is_floating_point()
+
+
+@dataclass
+class Dense:
+    """Materialized per-row gradient, [B, numel]."""
+
+    g: Tensor
+
+
+Factor = Outer | Dense
+
+
+# --- contractions: [R, R] float64 Gram between two factors over the rows of one group ---------------
+
+def _f64(t: Tensor) -> Tensor:
+    return t.to(torch.float64)
+
+
+def _flat_l(o: Outer, rows: Tensor) -> Tensor:
+    """l of the group's rows over (row, token): [R·T, dim_l] float64, or [R·T] ids."""
+    l = o.l[rows].flatten(0, 1)
+    return l if o.ids else _f64(l)
+
+
+def _flat_m(o: Outer, rows: Tensor) -> Tensor:
+    return _f64(o.m[rows].flatten(0, 1))
+
+
+def _column_index(o: Outer, ids: Tensor) -> Tensor:
+    """Where token ids fall among the columns of a dense l (all of them, or `o.columns`)."""
+    return ids if o.columns is None else torch.searchsorted(o.columns, ids)
+
+
+def _l_gram(u: Outer, v: Outer, rows: Tensor) -> Tensor:
+    """[R·T, R·S] l_u,t · l_v,s; a one-hot side picks columns of the other: l[:, id]."""
+    lu, lv = _flat_l(u, rows), _flat_l(v, rows)
+    if u.ids and v.ids:
+        return _f64(lu[:, None] == lv[None, :])
+    if v.ids:
+        return lu[:, _column_index(u, lv)]
+    if u.ids:
+        return lv[:, _column_index(v, lu)].T
+    return lu @ lv.T
+
+
+def _materialized(o: Outer, rows: Tensor) -> Tensor:
+    """[R, dim_l·dim_m] per-row gradients Σ_t l_t ⊗ m_t of a dense-l factor."""
+    return torch.einsum("rtl,rtm->rlm", _f64(o.l[rows]), _f64(o.m[rows])).flatten(1)
+
+
+def _materializes(u: Outer, v: Outer, forced: bool | None) -> bool:
+    """Materialize two dense-l factors when 2·T·S > dim_l·dim_m (or as forced); never one-hot ones."""
+    if u.ids or v.ids:
+        return False
+    if forced is not None:
+        return forced
+    return 2 * u.m.shape[1] * v.m.shape[1] > u.l.shape[-1] * u.m.shape[-1]
+
+
+def _outer_gram(u: Outer, v: Outer, rows: Tensor, materialize: bool | None) -> Tensor:
+    """Σ_{t,s} (l_a,t·l_b,s)(m_a,t·m_b,s) per row pair, or ⟨G_a, G_b⟩ of materialized gradients."""
+    if _materializes(u, v, materialize):
+        a = _materialized(u, rows)
+        return a @ (a if v is u else _materialized(v, rows)).T
+    r, t, s = len(rows), u.m.shape[1], v.m.shape[1]
+    k = _l_gram(u, v, rows) * (_flat_m(u, rows) @ _flat_m(v, rows).T)
+    return k.view(r, t, r, s).sum((1, 3))
+
+
+def _dense_outer_gram(d: Dense, o: Outer, rows: Tensor) -> Tensor:
+    """⟨G_a, Σ_s l_b,s ⊗ m_b,s⟩; for ids Σ_s G_a[id_b,s] · m_b,s, else against materialized G_b."""
+    g = _f64(d.g[rows])
+    if not o.ids:
+        return g @ _materialized(o, rows).T
+    r, s = len(rows), o.m.shape[1]
+    picked = g.view(r, -1, o.m.shape[-1])[:, o.l[rows].flatten()]  # [R, R·S, dim_m]
+    return (picked * _flat_m(o, rows)).sum(-1).view(r, r, s).sum(-1)
+
+
+def pair_gram(u: Factor, v: Factor, rows: Tensor, materialize: bool | None = None) -> Tensor:
+    """[R, R] float64 ⟨G^u_a, G^v_b⟩ for a, b in `rows` (two uses of one parameter, or u is v)."""
+    if isinstance(u, Dense) and isinstance(v, Dense):
+        return _f64(u.g[rows]) @ _f64(v.g[rows]).T
+    if isinstance(u, Dense):
+        return _dense_outer_gram(u, v, rows)
+    if isinstance(v, Dense):
+        return _dense_outer_gram(v, u, rows).T
+    return _outer_gram(u, v, rows, materialize)
+
+
+# --- one handler per parameter kind ------------------------------------------------------------------
+
+@dataclass
+class Call:
+    """One hooked forward call: its captured (detached) inputs and the scope parameters it uses."""
+
+    module: nn.Module
+    kind: Kind
+    params: list[tuple[str, nn.Parameter]]  # (attribute, parameter)
+    args: tuple | None
+    kwargs: dict | None
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How the per-row gradients of one kind of module's own parameters are factored.
+
+    claims: whether the module is of this kind; attributes: the own parameters it attributes;
+    factors: (call, output cotangent) → {attribute: factor} for the call's parameters."""
+
+    name: str
+    claims: Callable[[nn.Module], bool]
+    attributes: Callable[[nn.Module], tuple[str, ...]]
+    factors: Callable[[Call, Tensor], dict[str, Factor]]
+
+
+def _first_input(call: Call) -> Tensor:
+    return (*call.args, *call.kwargs.values())[0]
+
+
+def _per_row(t: Tensor, b: int) -> Tensor:
+    """[B, ..., d] → [B, T, d] (T: every position of the row)."""
+    return t.reshape(b, -1, t.shape[-1])
+
+
+def _affine_factors(call: Call, grad: Tensor, weight: Callable[[Tensor, Tensor], Outer]
+                    ) -> dict[str, Factor]:
+    """Linear / Conv1D: the weight's outer factor from (X, D) in its layout; ∇b_r = Σ_t D_r,t."""
+    b = grad.shape[0]
+    x, d = _per_row(_first_input(call), b), _per_row(grad, b)
+    factors = {"weight": lambda: weight(x, d), "bias": lambda: Dense(d.sum(1, dtype=torch.float64))}
+    return {a: factors[a]() for a, _ in call.params}
+
+
+def _embedding_factors(call: Call, grad: Tensor) -> dict[str, Factor]:
+    """l = ids, m = D; positions holding `padding_idx` get no gradient, as in F.embedding."""
+    b, module = grad.shape[0], call.module
+    ids, d = _first_input(call).reshape(b, -1), _per_row(grad, b)
+    if module.padding_idx is not None:
+        d = d.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
+    return {"weight": Outer(ids, d)}
+
+
+def _rowwise_factors(call: Call, grad: Tensor) -> dict[str, Factor]:
+    """∇θ_r = vjp of θ ↦ module(θ; inputs_r) at D_r, vmapped over rows (tensors with a leading
+    batch dimension are split by row, anything else is shared)."""
+    module, b = call.module, grad.shape[0]
+    params = {a: p.detach() for a, p in call.params}
+    flat, spec = tree_flatten((call.args, call.kwargs))
+    dims = [0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b else None for t in flat]
+
+    def row(flat_row: list, d: Tensor) -> dict[str, Tensor]:
+        unsplit = [t.unsqueeze(0) if dim == 0 else t for t, dim in zip(flat_row, dims)]
+        args, kwargs = tree_unflatten(unsplit, spec)
+        _, pull = vjp(lambda p: functional_call(module, p, args, kwargs), params)
+        return pull(d.unsqueeze(0))[0]
+
+    return {a: Dense(g.flatten(1)) for a, g in vmap(row, in_dims=(dims, 0))(flat, grad).items()}
+
+
+def _forward_is(cls: type) -> Callable[[nn.Module], bool]:
+    return lambda module: type(module).forward is cls.forward
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    """No descendant holds parameters: the module's own forward is all that uses them."""
+    return sum(1 for _ in module.parameters()) == sum(1 for _ in module.parameters(recurse=False))
+
+
+def _is_small_leaf(module: nn.Module) -> bool:
+    return _is_leaf(module) and sum(p.numel() for p in module.parameters(recurse=False)) <= ROWWISE_MAX_NUMEL
+
+
+LINEAR = Kind("linear", _forward_is(nn.Linear), lambda m: ("weight", "bias"),
+              partial(_affine_factors, weight=lambda x, d: Outer(d, x)))
+CONV1D = Kind("conv1d", _forward_is(Conv1D), lambda m: ("weight", "bias"),
+              partial(_affine_factors, weight=lambda x, d: Outer(x, d)))
+EMBEDDING = Kind("embedding", _forward_is(nn.Embedding),
+                 lambda m: () if m.scale_grad_by_freq else ("weight",), _embedding_factors)
+ROWWISE = Kind("rowwise", _is_small_leaf, lambda m: tuple(a for a, _ in m.named_parameters(recurse=False)),
+               _rowwise_factors)
+KINDS = (LINEAR, CONV1D, EMBEDDING, ROWWISE)  # first claim wins; ROWWISE is the generic fallback
+
+
+def _why(module: nn.Module, kind: Kind | None) -> str:
+    if kind is not None:
+        return f"the {kind.name} handler attributes only {kind.attributes(module)} of this module"
+    if not _is_leaf(module):
+        return ("it is used in the forward of a module with parameterized submodules, not by a Linear, "
+                "Conv1D, Embedding or small leaf module")
+    return f"a leaf module of unknown kind with more than {ROWWISE_MAX_NUMEL} parameters"
+
+
+Plan = dict[nn.Module, tuple[Kind, list[tuple[str, nn.Parameter]]]]
+
+
+def plan_modules(model: nn.Module, scope: ParameterScope) -> tuple[Plan, dict[str, str]]:
+    """The modules to hook with their kind and scope parameters, and {name: reason} for every scope
+    parameter some owning module cannot attribute."""
+    names = {id(p): n for n, p in zip(scope.names, scope.params)}
+    plan, problems = {}, {}
+    for qual, module in model.named_modules():
+        own = [(a, p) for a, p in module.named_parameters(recurse=False) if id(p) in names]
+        if not own:
+            continue
+        kind = next((k for k in KINDS if k.claims(module)), None)
+        handled = kind.attributes(module) if kind else ()
+        for a, p in own:
+            if a not in handled:
+                where = f"{type(module).__name__} '{qual}'.{a}"
+                problems.setdefault(names[id(p)], f"{where}: {_why(module, kind)}")
+        if kind and any(a in handled for a, _ in own):
+            plan[module] = (kind, [(a, p) for a, p in own if a in handled])
+    return plan, problems
+
+
+def ghost_supports(model: nn.Module, scope: ParameterScope) -> bool:
+    """Whether every scope parameter is owned only by modules the ghost engine attributes."""
+    return not plan_modules(model, scope)[1]
+
+
+# --- the collector -----------------------------------------------------------------------------------
+
+def _sequence_mark() -> int:
+    """Sequence number of a fresh autograd node (grad mode on); later nodes on this thread get larger."""
+    return torch.zeros((), requires_grad=True).view(()).grad_fn._sequence_nr()
+
+
+def _detached(tree):
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
+
+
+def _scan_graph(root: Tensor, ids: set[int]) -> tuple[list[tuple[object, Tensor]], list[Tensor]]:
+    """Root's autograd graph: (consumer node, parameter) for every edge into a parameter in `ids`,
+    and every other leaf tensor that requires a gradient."""
+    uses, leaves, stack, seen = [], [], [root.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            raise MarginscopeError(
+                "reentrant gradient checkpointing hides parameters from the autograd graph (and rejects "
+                "autograd.grad); enable it with gradient_checkpointing_kwargs={'use_reentrant': False}")
+        for child, _ in node.next_functions:
+            variable = getattr(child, "variable", None)
+            if variable is None:
+                stack.append(child)
+            elif id(variable) in ids:
+                uses.append((node, variable))
+            elif child not in seen:
+                seen.add(child)
+                leaves.append(variable)
+    return uses, leaves
+
+
+class GhostCollector:
+    """Float64 Grams of per-row ∇ log π over a scope, from the forward and backward run inside it.
+
+    groups: the rows (indices into the batch of every hooked forward call) of each group;
+    `grams[g]` is the [len(g), len(g)] Gram of the rows of groups[g]. row_scale [B]: when the
+    backward gives row i the cotangent s_i·∇ log π_i (a loss's ∂loss/∂log π_i), K_ab is divided by
+    s_a·s_b; a row with s_i = 0 carries no information and gets NaN. materialize: None (per layer,
+    2·T² > d_in·d_out), True or False forces materialized or ghost contraction of dense factors.
+
+    One forward/backward pass per collector: forward calls once the backward has started are
+    gradient-checkpointing recomputations (or this collector's replays) and are ignored; each call's
+    contribution is computed by a tensor hook on that call's own output, which only observes.
+    Hooks are removed on exit, also on error.
+    """
+
+    def __init__(self, model: nn.Module, scope: ParameterScope, groups: Sequence[Sequence[int]],
+                 row_scale: Tensor | None = None, *, materialize: bool | None = None) -> None:
+        self.model, self.scope, self.row_scale, self.materialize = model, scope, row_scale, materialize
+        self.groups = [list(g) for g in groups]
+        self._top_row = max((r for g in self.groups for r in g), default=-1)
+        self._sources: list[Tensor] = []  # hooked outputs whose inputs need no gradient
+        self._names = {id(p): n for n, p in zip(scope.names, scope.params)}
+        device = scope.params[0].device
+        self._acc = [torch.zeros(len(g), len(g), dtype=torch.float64, device=device) for g in self.groups]
+        self._rows: dict[torch.device, list[Tensor]] = {}
+        self._spans: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        self._pending: dict[int, list[Call]] = defaultdict(list)
+        self._stored: dict[int, list[Factor]] = defaultdict(list)
+        self._starts: dict[nn.Module, int] = {}
+        self._handles: list = []
+        self._batch: int | None = None
+        self._active = self._recording = False
+
+    def __enter__(self) -> GhostCollector:
+        plan, problems = plan_modules(self.model, self.scope)
+        if problems:
+            listed = "; ".join(f"{n} ({why})" for n, why in problems.items())
+            raise MarginscopeError(f"the ghost engine cannot attribute {listed}; use engine='exact'")
+        self._active = self._recording = True
+        try:
+            for module, (kind, params) in plan.items():
+                self._handles.append(module.register_forward_pre_hook(self._pre))
+                self._handles.append(module.register_forward_hook(
+                    partial(self._post, kind=kind, params=params), with_kwargs=True))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._active = self._recording = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._pending.clear()
+        self._stored.clear()
+
+    @property
+    def grams(self) -> list[Tensor]:
+        """One [R, R] float64 CPU Gram per group (scale divided out when `row_scale` was given)."""
+        grams = [acc.cpu() for acc in self._acc]
+        if self.row_scale is None:
+            return grams
+        scale = _f64(self.row_scale.detach()).cpu()
+        inv = torch.where(scale == 0, torch.nan, 1 / scale)
+        return [k * inv[g][:, None] * inv[g][None, :] for k, g in zip(grams, self.groups)]
+
+    def check_attribution(self, root: Tensor) -> list[Tensor]:
+        """Raise unless every use of a scope parameter in root's graph happened inside a hooked call
+        that attributes it; a direct functional use, a bypassed module (`module.forward(x)`) or
+        reentrant checkpointing would otherwise be missed silently. Call between forward and backward.
+
+        Returns what to differentiate root by so that every hooked output gets its gradient while no
+        parameter gradient is computed: the hooked outputs whose inputs need none and
+        every other leaf of the graph that requires one (e.g. HF's `enable_input_require_grads`).
+        Each hooked output depends on one of them: its inputs come from earlier hooked outputs (all
+        uses of scope parameters are inside hooked calls), from such leaves, or need no gradient."""
+        uses, leaves = _scan_graph(root, set(self._names))
+        for node, param in uses:
+            seq = node._sequence_nr()
+            if not any(lo <= seq < hi for lo, hi in self._spans[id(param)]):
+                raise MarginscopeError(
+                    f"{self._names[id(param)]} is used outside the modules the ghost engine hooks (e.g. "
+                    f"directly in a functional op, by {node.name()}); use engine='exact'")
+        return self._sources + leaves
+
+    def _pre(self, module: nn.Module, args: tuple) -> None:
+        if self._recording and torch.is_grad_enabled():
+            self._starts[module] = _sequence_mark() + 1
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, out, *, kind: Kind,
+              params: list[tuple[str, nn.Parameter]]) -> None:
+        if not self._recording or not torch.is_grad_enabled():
+            return
+        if not isinstance(out, Tensor):
+            raise MarginscopeError(
+                f"{self._names[id(params[0][1])]}: {type(module).__name__} returns {type(out).__name__}, "
+                "not one tensor; the ghost engine cannot attribute its parameters; use engine='exact'")
+        if not out.requires_grad:
+            return
+        self._check_batch(out.shape[0], module)
+        call = Call(module, kind, params, _detached(args), _detached(kwargs))
+        span = (self._starts.pop(module), _sequence_mark())
+        for _, p in params:
+            self._pending[id(p)].append(call)
+            self._spans[id(p)].append(span)
+        if not any(isinstance(t, Tensor) and t.requires_grad for t in tree_leaves((args, kwargs))):
+            self._sources.append(out)
+        self._handles.append(out.register_hook(partial(self._fire, call)))
+
+    def _check_batch(self, batch: int, module: nn.Module) -> None:
+        self._batch = batch if self._batch is None else self._batch
+        if batch != self._batch or self._top_row >= batch:
+            raise MarginscopeError(
+                f"{type(module).__name__} saw a batch of {batch} rows; every hooked call must see the "
+                f"same batch ({self._batch} rows), holding every group row (up to {self._top_row})")
+
+    def _fire(self, call: Call, grad: Tensor) -> None:
+        """Tensor hook on a call's output: the call's factors, then their Gram terms (observes only)."""
+        if not self._active:
+            return
+        self._recording = False
+        factors = call.kind.factors(call, grad)
+        call.args = call.kwargs = None
+        for attr, p in call.params:
+            self._add(p, factors[attr], call)
+
+    def _add(self, p: nn.Parameter, u: Factor, call: Call) -> None:
+        """K += ⟨G^u, G^u⟩ + Σ_v (⟨G^u, G^v⟩ + transpose) over the parameter's earlier uses v."""
+        pending, stored = self._pending[id(p)], self._stored[id(p)]
+        pending.remove(call)
+        for acc, rows in zip(self._acc, self._group_rows(u)):
+            k = pair_gram(u, u, rows, self.materialize)
+            for v in stored:
+                c = pair_gram(u, v, rows, self.materialize)
+                k += c + c.T
+            acc += k.to(acc.device)
+        if pending:
+            stored.append(_compact(u, pending))
+        else:
+            stored.clear()
+
+    def _group_rows(self, u: Factor) -> list[Tensor]:
+        device = (u.g if isinstance(u, Dense) else u.m).device
+        if device not in self._rows:
+            self._rows[device] = [torch.tensor(g, dtype=torch.long, device=device) for g in self.groups]
+        return self._rows[device]
+
+
+def _compact(u: Factor, pending: list[Call]) -> Factor:
+    """A dense-l factor that only embedding uses still wait for keeps just the columns their ids hit
+    (e.g. a tied lm_head's D: [B, T, vocab] → [B, T, #distinct ids])."""
+    if not isinstance(u, Outer) or u.ids or any(c.kind is not EMBEDDING for c in pending):
+        return u
+    ids = torch.cat([_first_input(c).flatten() for c in pending]).unique().to(u.l.device)
+    return Outer(u.l[..., ids], u.m, ids)
+
+
+def ghost_gram_chunk(model: nn.Module, chunk: Sequence[EncodedProbe], scope: ParameterScope, *,
+                     padding_side: str = "right", pad_id: int = 0, materialize: bool | None = None
+                     ) -> tuple[ScoredRows, list[torch.Tensor]]:
+    """Same contract and numbers as `exact_gram_chunk`: one forward over every response of `chunk` and
+    one backward of Σ_rows log π; returns the scores (detached) and one [R, R] float64 Gram per probe.
+    Call inside `gradient_scope`."""
+    rows = [row for probe in chunk for row in probe.rows()]
+    groups, start = [], 0
+    for probe in chunk:
+        groups.append(list(range(start, start + len(probe.response_ids))))
+        start += len(probe.response_ids)
+    with GhostCollector(model, scope, groups, materialize=materialize) as collector:
+        scored = score_rows(model, rows, padding_side=padding_side, pad_id=pad_id)
+        total = scored.logp.sum()
+        inputs = collector.check_attribution(total)
+        if inputs:
+            torch.autograd.grad(total, inputs, allow_unused=True)
+    return ScoredRows(scored.token_logp.detach(), scored.mask), collector.grams
