@@ -1,0 +1,107 @@
+"""Overhead of in-run pair geometry on a DPO training step (GPT-2-small shape, fp32, CPU).
+
+Default workload (issue 3): 4 pairs, 128 tokens per row (prompt 64 + response 64). Methods:
+  plain   forward of the 8 rows, DPO loss, backward, AdamW step
+  inrun   the same step inside `InRunGeometry` (exact ⟨a_w,a_l⟩, ‖a_w‖², ‖a_l‖² of every pair)
+  naive   the same step, then the papers' per-pair geometry: one extra forward+backward per
+          response with flattened gradients (what one would do without marginscope)
+Each method runs in its own subprocess: 1 warm-up step, then the median of `--steps` timed steps.
+
+    python benchmarks/bench_inrun_step.py
+    python benchmarks/bench_inrun_step.py --layers 2 --steps 2     # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--response-len", type=int, default=64)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--methods", default="plain,inrun,naive")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _setup(args):
+    import torch
+    model = common.gpt2_small(n_layer=args.layers).train()
+    pairs = common.random_probes(args.pairs, 2, args.prompt_len, args.response_len, model.config.vocab_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    return model, pairs, opt, args.steps
+
+
+def _step(model, pairs, opt, geometry: bool):
+    import torch
+    import torch.nn.functional as F
+
+    from marginscope.dynamics.inrun import InRunGeometry, score_pairs
+    n = len(pairs)
+    opt.zero_grad(set_to_none=True)
+    recorder = InRunGeometry(model, n_pairs=n, params="all") if geometry else None
+    if recorder:
+        recorder.__enter__()
+    try:
+        logps, _ = score_pairs(model, pairs)
+        if recorder:
+            recorder.watch(logps)
+        ref = logps.detach() - 1.0  # a fixed reference offset: any constant works for timing
+        loss = -F.logsigmoid(0.1 * ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:]))).mean()
+        loss.backward()
+    finally:
+        if recorder:
+            recorder.__exit__(None, None, None)
+    opt.step()
+    return recorder.result().cosine.tolist() if recorder else None
+
+
+def _timed(kind: str):
+    def run(state):
+        model, pairs, opt, steps = state
+        _step(model, pairs, opt, kind == "inrun")  # warm-up
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            _step(model, pairs, opt, kind == "inrun")
+            if kind == "naive":
+                common.naive_gram(model, pairs)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    return run
+
+
+METHODS = {name: _timed(name) for name in ("plain", "inrun", "naive")}
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    if args.worker:
+        common.run_worker(lambda: _setup(args), METHODS, args.worker)
+        return
+    forwarded = [f"--pairs={args.pairs}", f"--prompt-len={args.prompt_len}", f"--response-len={args.response_len}",
+                 f"--layers={args.layers}", f"--steps={args.steps}"]
+    results = {m: common.spawn(__file__, m, forwarded) for m in args.methods.split(",")}
+    print(f"DPO step · GPT-2-small shape, {args.layers} layers · {args.pairs} pairs × "
+          f"{args.prompt_len + args.response_len} tokens · fp32 CPU · median of {args.steps} steps")
+    print(f"machine: {common.machine()}")
+    print(f"{'method':8} {'s/step':>9} {'× plain':>9} {'peak extra MB':>14}")
+    for name, r in results.items():
+        ratio = r["result"] / results["plain"]["result"] if "plain" in results else float("nan")
+        print(f"{name:8} {r['result']:9.2f} {ratio:9.2f} {r['peak_extra_mb']:14.0f}")
+
+
+if __name__ == "__main__":
+    main()
