@@ -26,7 +26,7 @@ def measure_command(
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: --model)."),
     params: str = typer.Option("trainable", "--params", help="Parameter scope: trainable, all, or a regex on names."),
     engine: str = typer.Option("auto", "--engine", help="Gram engine: auto (ghost when it covers the scope), ghost or exact."),
-    per_token: Optional[str] = typer.Option(None, "--per-token", help="Per-token Gram tier: exact."),
+    per_token: Optional[str] = typer.Option(None, "--per-token", help="Per-token Gram tier: head (LM head), tail (after the last attention) or exact (all)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Probes per forward pass."),
     padding_side: str = typer.Option("right", "--padding-side", help="left or right (same numbers)."),
     add_eos: bool = typer.Option(False, "--add-eos", help="Append EOS to every response."),

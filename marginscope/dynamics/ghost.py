@@ -15,8 +15,14 @@ without ever materializing a parameter-sized tensor:
 
 A layer switches to materializing D_rᵀX_r when 2·T² > d_in·d_out. A parameter used by several calls
 (tied embeddings, a module called twice) has ∇θ_r = Σ_u ∇θ_r^u, so the cross terms of its uses are
-added. Everything is contracted per group of rows (one probe's responses) in float64. Module kinds
-are recognized by their `forward` function, never by isinstance alone.
+added (`GramSums`). Everything is contracted per group of rows (one probe's responses) in float64.
+Module kinds are recognized by their `forward` function, never by isinstance alone.
+
+`GhostCollector` contracts each call's factors in a tensor hook on its output during the backward.
+`CallRecorder`, its base, is the capture mode: the same forward hooks record each call and its output
+and touch no tensor, so that `autograd.grad` can differentiate straight to the outputs (batched over
+per-token cotangents in tokens.py, where tensor hooks would not fire); the handlers, `pair_gram` and
+`GramSums` then contract any rows built from those inputs and cotangents ("virtual rows").
 
 Limits: a generic module must treat rows independently (every norm does) and replay from its
 captured inputs; a scope parameter used outside the hooked calls (a functional use, a bypassed
@@ -152,7 +158,7 @@ def pair_gram(u: Factor, v: Factor, rows: Tensor, materialize: bool | None = Non
 
 # --- one handler per parameter kind ------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)
 class Call:
     """One hooked forward call: its captured (detached) inputs and the scope parameters it uses."""
 
@@ -281,7 +287,67 @@ def ghost_supports(model: nn.Module, scope: ParameterScope) -> bool:
     return not plan_modules(model, scope)[1]
 
 
-# --- the collector -----------------------------------------------------------------------------------
+# --- Gram sums over every use of each parameter -------------------------------------------------------
+
+class GramSums:
+    """Float64 [R, R] Gram sums over groups of rows, fed one factor per parameter use:
+
+        K += ⟨G^u, G^u⟩ + Σ_v (⟨G^u, G^v⟩ + ⟨G^v, G^u⟩)   over the parameter's earlier uses v,
+
+    so a parameter used by several calls (∇θ_r = Σ_u ∇θ_r^u) gets the cross terms of its uses. All of
+    a parameter's uses are announced by `expect` before the first of their factors is added; a use's
+    factor is kept for the cross terms only while other uses of its parameter are pending (`_compact`)."""
+
+    def __init__(self, groups: Sequence[Sequence[int]], device: torch.device,
+                 materialize: bool | None = None) -> None:
+        self.groups, self.materialize = [list(g) for g in groups], materialize
+        self.sums = [torch.zeros(len(g), len(g), dtype=torch.float64, device=device) for g in self.groups]
+        self._rows: dict[torch.device, list[Tensor]] = {}
+        self._pending: dict[int, list[Call]] = defaultdict(list)
+        self._stored: dict[int, list[Factor]] = defaultdict(list)
+
+    def expect(self, call: Call) -> None:
+        """Announce a call whose factors will come (its parameters' uses are pending until then)."""
+        for _, p in call.params:
+            self._pending[id(p)].append(call)
+
+    def add(self, p: nn.Parameter, u: Factor, call: Call) -> None:
+        """Add the terms of use `call` of parameter p, whose factor is u."""
+        pending, stored = self._pending[id(p)], self._stored[id(p)]
+        pending.remove(call)
+        for acc, rows in zip(self.sums, self._group_rows(u)):
+            k = pair_gram(u, u, rows, self.materialize)
+            for v in stored:
+                c = pair_gram(u, v, rows, self.materialize)
+                k += c + c.T
+            acc += k.to(acc.device)
+        if pending:
+            stored.append(_compact(u, pending))
+        else:
+            stored.clear()
+
+    def clear(self) -> None:
+        """Drop pending uses and kept factors (the sums stay)."""
+        self._pending.clear()
+        self._stored.clear()
+
+    def _group_rows(self, u: Factor) -> list[Tensor]:
+        device = (u.g if isinstance(u, Dense) else u.m).device
+        if device not in self._rows:
+            self._rows[device] = [torch.tensor(g, dtype=torch.long, device=device) for g in self.groups]
+        return self._rows[device]
+
+
+def _compact(u: Factor, pending: list[Call]) -> Factor:
+    """A dense-l factor that only embedding uses still wait for keeps just the columns their ids hit
+    (e.g. a tied lm_head's D: [B, T, vocab] → [B, T, #distinct ids])."""
+    if not isinstance(u, Outer) or u.ids or any(c.kind is not EMBEDDING for c in pending):
+        return u
+    ids = torch.cat([_first_input(c).flatten() for c in pending]).unique().to(u.l.device)
+    return Outer(u.l[..., ids], u.m, ids)
+
+
+# --- recording calls ---------------------------------------------------------------------------------
 
 def _sequence_mark() -> int:
     """Sequence number of a fresh autograd node (grad mode on); later nodes on this thread get larger."""
@@ -317,47 +383,49 @@ def _scan_graph(root: Tensor, ids: set[int]) -> tuple[list[tuple[object, Tensor]
     return uses, leaves
 
 
-class GhostCollector:
-    """Float64 Grams of per-row ∇ log π over a scope, from the forward and backward run inside it.
+def attributable_plan(model: nn.Module, scope: ParameterScope) -> Plan:
+    """`plan_modules`'s plan; raises MarginscopeError naming every scope parameter it cannot attribute."""
+    plan, problems = plan_modules(model, scope)
+    if problems:
+        listed = "; ".join(f"{n} ({why})" for n, why in problems.items())
+        raise MarginscopeError(f"the ghost engine cannot attribute {listed}; use engine='exact'")
+    return plan
 
-    groups: the rows (indices into the batch of every hooked forward call) of each group;
-    `grams[g]` is the [len(g), len(g)] Gram of the rows of groups[g]. row_scale [B]: when the
-    backward gives row i the cotangent s_i·∇ log π_i (a loss's ∂loss/∂log π_i), K_ab is divided by
-    s_a·s_b; a row with s_i = 0 carries no information and gets NaN. materialize: None (per layer,
-    2·T² > d_in·d_out), True or False forces materialized or ghost contraction of dense factors.
 
-    One forward/backward pass per collector: forward calls once the backward has started are
-    gradient-checkpointing recomputations (or this collector's replays) and are ignored; each call's
-    contribution is computed by a tensor hook on that call's own output, which only observes.
-    Hooks are removed on exit, also on error.
-    """
+@dataclass(eq=False)
+class Recorded:
+    """One recorded call with its output tensor, the output's version then, and its autograd span
+    [start, end): the sequence numbers of the nodes its forward created."""
 
-    def __init__(self, model: nn.Module, scope: ParameterScope, groups: Sequence[Sequence[int]],
-                 row_scale: Tensor | None = None, *, materialize: bool | None = None) -> None:
-        self.model, self.scope, self.row_scale, self.materialize = model, scope, row_scale, materialize
-        self.groups = [list(g) for g in groups]
-        self._top_row = max((r for g in self.groups for r in g), default=-1)
-        self._sources: list[Tensor] = []  # hooked outputs whose inputs need no gradient
+    call: Call
+    output: Tensor
+    version: int
+    span: tuple[int, int]
+
+
+class CallRecorder:
+    """Forward hooks on the modules of `plan` that record every call made with grad enabled while the
+    recorder is open, in forward order (`calls`): capture mode, which touches no tensor, for
+    differentiating to the calls' outputs directly with `autograd.grad` (batched or not; tensor hooks
+    do not fire under `is_grads_batched`). Every recorded call must see the same batch of rows, holding
+    row `top_row`. Hooks are removed on exit, also on error; the records stay."""
+
+    def __init__(self, model: nn.Module, scope: ParameterScope, plan: Plan, *, top_row: int = -1) -> None:
+        self.model, self.scope, self.plan = model, scope, plan
+        self.calls: list[Recorded] = []
+        self._top_row = top_row
         self._names = {id(p): n for n, p in zip(scope.names, scope.params)}
-        device = scope.params[0].device
-        self._acc = [torch.zeros(len(g), len(g), dtype=torch.float64, device=device) for g in self.groups]
-        self._rows: dict[torch.device, list[Tensor]] = {}
+        self._sources: list[Tensor] = []  # hooked outputs whose inputs need no gradient
         self._spans: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        self._pending: dict[int, list[Call]] = defaultdict(list)
-        self._stored: dict[int, list[Factor]] = defaultdict(list)
         self._starts: dict[nn.Module, int] = {}
         self._handles: list = []
         self._batch: int | None = None
-        self._active = self._recording = False
+        self._recording = False
 
-    def __enter__(self) -> GhostCollector:
-        plan, problems = plan_modules(self.model, self.scope)
-        if problems:
-            listed = "; ".join(f"{n} ({why})" for n, why in problems.items())
-            raise MarginscopeError(f"the ghost engine cannot attribute {listed}; use engine='exact'")
-        self._active = self._recording = True
+    def __enter__(self) -> CallRecorder:
+        self._recording = True
         try:
-            for module, (kind, params) in plan.items():
+            for module, (kind, params) in self.plan.items():
                 self._handles.append(module.register_forward_pre_hook(self._pre))
                 self._handles.append(module.register_forward_hook(
                     partial(self._post, kind=kind, params=params), with_kwargs=True))
@@ -367,22 +435,20 @@ class GhostCollector:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._active = self._recording = False
+        self._recording = False
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._pending.clear()
-        self._stored.clear()
 
-    @property
-    def grams(self) -> list[Tensor]:
-        """One [R, R] float64 CPU Gram per group (scale divided out when `row_scale` was given)."""
-        grams = [acc.cpu() for acc in self._acc]
-        if self.row_scale is None:
-            return grams
-        scale = _f64(self.row_scale.detach()).cpu()
-        inv = torch.where(scale == 0, torch.nan, 1 / scale)
-        return [k * inv[g][:, None] * inv[g][None, :] for k, g in zip(grams, self.groups)]
+    def outputs(self, records: Sequence[Recorded]) -> list[Tensor]:
+        """The records' output tensors; raises if one was modified in place after its call (autograd
+        would differentiate to the modified value)."""
+        for r in records:
+            if r.output._version != r.version:
+                raise MarginscopeError(
+                    f"the output of {type(r.call.module).__name__} (which uses "
+                    f"{self._names[id(r.call.params[0][1])]}) is modified in place after the call")
+        return [r.output for r in records]
 
     def check_attribution(self, root: Tensor) -> list[Tensor]:
         """Raise unless every use of a scope parameter in root's graph happened inside a hooked call
@@ -421,11 +487,13 @@ class GhostCollector:
         call = Call(module, kind, params, _detached(args), _detached(kwargs))
         span = (self._starts.pop(module), _sequence_mark())
         for _, p in params:
-            self._pending[id(p)].append(call)
             self._spans[id(p)].append(span)
         if not any(isinstance(t, Tensor) and t.requires_grad for t in tree_leaves((args, kwargs))):
             self._sources.append(out)
-        self._handles.append(out.register_hook(partial(self._fire, call)))
+        self._record(call, out, span)
+
+    def _record(self, call: Call, out: Tensor, span: tuple[int, int]) -> None:
+        self.calls.append(Recorded(call, out, out._version, span))
 
     def _check_batch(self, batch: int, module: nn.Module) -> None:
         self._batch = batch if self._batch is None else self._batch
@@ -433,6 +501,56 @@ class GhostCollector:
             raise MarginscopeError(
                 f"{type(module).__name__} saw a batch of {batch} rows; every hooked call must see the "
                 f"same batch ({self._batch} rows), holding every group row (up to {self._top_row})")
+
+
+# --- the collector -----------------------------------------------------------------------------------
+
+class GhostCollector(CallRecorder):
+    """Float64 Grams of per-row ∇ log π over a scope, from the forward and backward run inside it.
+
+    groups: the rows (indices into the batch of every hooked forward call) of each group;
+    `grams[g]` is the [len(g), len(g)] Gram of the rows of groups[g]. row_scale [B]: when the
+    backward gives row i the cotangent s_i·∇ log π_i (a loss's ∂loss/∂log π_i), K_ab is divided by
+    s_a·s_b; a row with s_i = 0 carries no information and gets NaN. materialize: None (per layer,
+    2·T² > d_in·d_out), True or False forces materialized or ghost contraction of dense factors.
+
+    One forward/backward pass per collector: forward calls once the backward has started are
+    gradient-checkpointing recomputations (or this collector's replays) and are ignored; each call's
+    contribution is computed by a tensor hook on that call's own output, which only observes.
+    Hooks are removed on exit, also on error.
+    """
+
+    def __init__(self, model: nn.Module, scope: ParameterScope, groups: Sequence[Sequence[int]],
+                 row_scale: Tensor | None = None, *, materialize: bool | None = None) -> None:
+        groups = [list(g) for g in groups]
+        super().__init__(model, scope, {}, top_row=max((r for g in groups for r in g), default=-1))
+        self.groups, self.row_scale = groups, row_scale
+        self._sums = GramSums(groups, scope.params[0].device, materialize)
+        self._active = False
+
+    def __enter__(self) -> GhostCollector:
+        self.plan = attributable_plan(self.model, self.scope)
+        self._active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self._active = False
+        super().__exit__(*exc)
+        self._sums.clear()
+
+    @property
+    def grams(self) -> list[Tensor]:
+        """One [R, R] float64 CPU Gram per group (scale divided out when `row_scale` was given)."""
+        grams = [acc.cpu() for acc in self._sums.sums]
+        if self.row_scale is None:
+            return grams
+        scale = _f64(self.row_scale.detach()).cpu()
+        inv = torch.where(scale == 0, torch.nan, 1 / scale)
+        return [k * inv[g][:, None] * inv[g][None, :] for k, g in zip(grams, self.groups)]
+
+    def _record(self, call: Call, out: Tensor, span: tuple[int, int]) -> None:
+        self._sums.expect(call)
+        self._handles.append(out.register_hook(partial(self._fire, call)))
 
     def _fire(self, call: Call, grad: Tensor) -> None:
         """Tensor hook on a call's output: the call's factors, then their Gram terms (observes only)."""
@@ -445,34 +563,8 @@ class GhostCollector:
             self._add(p, factors[attr], call)
 
     def _add(self, p: nn.Parameter, u: Factor, call: Call) -> None:
-        """K += ⟨G^u, G^u⟩ + Σ_v (⟨G^u, G^v⟩ + transpose) over the parameter's earlier uses v."""
-        pending, stored = self._pending[id(p)], self._stored[id(p)]
-        pending.remove(call)
-        for acc, rows in zip(self._acc, self._group_rows(u)):
-            k = pair_gram(u, u, rows, self.materialize)
-            for v in stored:
-                c = pair_gram(u, v, rows, self.materialize)
-                k += c + c.T
-            acc += k.to(acc.device)
-        if pending:
-            stored.append(_compact(u, pending))
-        else:
-            stored.clear()
-
-    def _group_rows(self, u: Factor) -> list[Tensor]:
-        device = (u.g if isinstance(u, Dense) else u.m).device
-        if device not in self._rows:
-            self._rows[device] = [torch.tensor(g, dtype=torch.long, device=device) for g in self.groups]
-        return self._rows[device]
-
-
-def _compact(u: Factor, pending: list[Call]) -> Factor:
-    """A dense-l factor that only embedding uses still wait for keeps just the columns their ids hit
-    (e.g. a tied lm_head's D: [B, T, vocab] → [B, T, #distinct ids])."""
-    if not isinstance(u, Outer) or u.ids or any(c.kind is not EMBEDDING for c in pending):
-        return u
-    ids = torch.cat([_first_input(c).flatten() for c in pending]).unique().to(u.l.device)
-    return Outer(u.l[..., ids], u.m, ids)
+        """One use's terms (what a subclass replaces to consume factors otherwise, e.g. sketches)."""
+        self._sums.add(p, u, call)
 
 
 def ghost_gram_chunk(model: nn.Module, chunk: Sequence[EncodedProbe], scope: ParameterScope, *,

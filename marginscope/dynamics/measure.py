@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -22,9 +23,10 @@ from .exact import (
 )
 from .ghost import ghost_gram_chunk, ghost_supports
 from .scoring import EncodedProbe, encode, model_max_length
+from . import tokens
 
 ENGINES = ("auto", "exact", "ghost")
-PER_TOKEN_TIERS = (None, "exact")
+PER_TOKEN_TIERS = (None, "head", "tail", "exact")
 
 
 @dataclass
@@ -34,7 +36,8 @@ class Geometry:
     Response r of probe n is `names[r]` of probe `probe_ids[n]`; `token_logp[n, r, :lengths[n, r]]`
     holds its per-token log-probs (NaN beyond). `gram[n]` is the R×R empirical NTK of sequence
     log-probs over the parameter scope; `token_gram[probe_id]` the T_w × T_l per-token Gram of chosen
-    against rejected when `per_token` was requested, with `token_sqnorm[probe_id]` = (‖g_w,t‖², ‖g_l,s‖²).
+    against rejected when `per_token` was requested, with `token_sqnorm[probe_id]` =
+    (‖g_w,t‖², ‖g_l,s‖²): raw values (`token_cosine` derives cosines) over the tier in `per_token`.
     """
 
     probe_ids: list[str]
@@ -95,7 +98,7 @@ def check_options(*, engine: str, per_token: str | None, batch_size: int, paddin
     if engine not in ENGINES:
         raise MarginscopeError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     if per_token not in PER_TOKEN_TIERS:
-        raise MarginscopeError(f"per_token must be one of None, 'exact'; got {per_token!r}")
+        raise MarginscopeError(f"per_token must be one of None, 'head', 'tail', 'exact'; got {per_token!r}")
     if batch_size < 1:
         raise MarginscopeError(f"batch_size must be ≥ 1; got {batch_size}")
     if padding_side not in ("left", "right"):
@@ -111,8 +114,19 @@ def measure(model: nn.Module, tokenizer: PreTrainedTokenizerBase, probes, *,
     engine: "exact" (one backward per response), "ghost" (one forward and one backward per chunk,
     per-layer inner products without per-response gradients; same numbers) or "auto" ("ghost" when
     it attributes every parameter of the scope, else "exact"); all accumulate in float64.
-    per_token: None or "exact" (one backward per token, all parameters of the scope). The model's
-    parameters, `.grad`, train/eval mode and the RNG state are left exactly as they were.
+    per_token: the T_w × T_l Gram of chosen against rejected per-token gradients
+    g_t = ∇ log π(y_t | x, y_<t), over the uses of scope parameters in a tier (tokens.py):
+      None     not computed;
+      "head"   the LM head module's calls only (`get_output_embeddings()`; for a tied model its head
+               use, not the embedding use): one forward and a backward down to the logits;
+      "tail"   the calls that start after the last attention module returns (the last block's
+               post-attention norm and MLP, the final norm, the head): one forward and one backward;
+      "exact"  every use of every scope parameter: batched per-token cotangents (is_grads_batched)
+               contracted like the ghost engine when the engine is "ghost" (or "auto" resolving to
+               it); one backward per token (the oracle) when the engine is "exact".
+    Head and tail cover the scope parameters the ghost engine attributes in their modules, and raise
+    MarginscopeError when none is. The model's parameters, `.grad`, train/eval mode and the RNG state
+    are left exactly as they were.
     """
     check_options(engine=engine, per_token=per_token, batch_size=batch_size, padding_side=padding_side)
     if isinstance(probes, str) or hasattr(probes, "__fspath__"):
@@ -144,8 +158,10 @@ def measure(model: nn.Module, tokenizer: PreTrainedTokenizerBase, probes, *,
             start += len(chunk)
             advance()
         if per_token:
+            oracle = per_token == "exact" and engine == "exact"
+            tier_gram = exact_token_gram if oracle else partial(tokens.token_gram, tier=per_token)
             for probe in encoded:
-                g, sq_w, sq_l = exact_token_gram(model, probe, scope, padding_side=padding_side, pad_id=pad_id)
+                g, sq_w, sq_l = tier_gram(model, probe, scope, padding_side=padding_side, pad_id=pad_id)
                 token_gram[probe.probe_id] = g.numpy()
                 token_sqnorm[probe.probe_id] = (sq_w.numpy(), sq_l.numpy())
                 advance()
