@@ -228,3 +228,14 @@ def test_in_run_with_row_scale(make_model, tokenizer, probes):
     assert _close(sketches[2][:2], reference[2][:2])
     assert torch.isnan(sketches[2][2]).all() and torch.isnan(grams[2][2]).all()
     assert torch.isnan(grams[2][:, 2]).all() and torch.isfinite(grams[2][:2, :2]).all()
+
+
+def test_measure_projected_engine(make_model, tokenizer, probes):
+    model = make_model("gpt2")
+    exact = ms.dynamics.measure(model, tokenizer, probes, params="all", engine="exact")
+    full = ms.dynamics.measure(model, tokenizer, probes, params="all", engine="projected", projection_dim=1 << 20)
+    assert full.engine == "projected"
+    np.testing.assert_allclose(full.gram, exact.gram, rtol=1e-9)
+    small = ms.dynamics.measure(model, tokenizer, probes, params="all", engine="projected", projection_dim=256)
+    assert not np.allclose(small.gram, exact.gram, rtol=1e-6)
+    np.testing.assert_allclose(small.logp, exact.logp, rtol=1e-12)

@@ -25,9 +25,10 @@ def measure_command(
     ref: Optional[Path] = typer.Option(None, "--ref", help="Reference model directory (default: the model itself)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: --model)."),
     params: str = typer.Option("trainable", "--params", help="Parameter scope: trainable, all, or a regex on names."),
-    engine: str = typer.Option("auto", "--engine", help="Gram engine: auto (ghost when it covers the scope), ghost or exact."),
+    engine: str = typer.Option("auto", "--engine", help="Gram engine: auto (ghost when it covers the scope), ghost, exact, or projected (approximate)."),
     per_token: Optional[str] = typer.Option(None, "--per-token", help="Per-token Gram tier: head (LM head), tail (after the last attention) or exact (all)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Probes per forward pass."),
+    projection_dim: int = typer.Option(4096, "--projection-dim", min=1, help="Sketch size per parameter (--engine projected)."),
     padding_side: str = typer.Option("right", "--padding-side", help="left or right (same numbers)."),
     add_eos: bool = typer.Option(False, "--add-eos", help="Append EOS to every response."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (saved dtype), float32, float64, bfloat16, float16."),
@@ -47,7 +48,7 @@ def measure_command(
         model, probes, output=output, loss=loss, hparams=hparams, ref_dir=ref, tokenizer_dir=tokenizer,
         params=params, engine=engine, per_token=per_token, batch_size=batch_size,
         padding_side=padding_side, add_eos=add_eos, dtype=dtype, device=device, step=step,
-        progress=True)
+        projection_dim=projection_dim, progress=True)
     out.print(summary_table(result))
     if result.output is not None:
         out.print(f"wrote {result.output}")
