@@ -196,7 +196,7 @@ def test_bfloat16_model_unprojected_equals_ghost(make_model, tokenizer, probes):
     ghost = _run(model, tokenizer, probes, scope, ghost_gram_chunk)[1]
     whole = max(p.numel() for p in scope.params)
     grams = _run(model, tokenizer, probes, scope, projected_gram_chunk, dim=whole)[1]
-    assert _frobenius_error(grams, ghost) < 1e-9
+    assert _frobenius_error(grams, ghost) < 1e-6  # ghost takes bf16 feature dot products in float32
     sketched = _run(model, tokenizer, probes, scope, projected_gram_chunk, dim=256)
     assert all(s.dtype == torch.float64 and torch.isfinite(s).all() for s in sketched[2])
     assert _cosine_error(sketched[1], ghost) < 0.2

@@ -15,7 +15,8 @@ without ever materializing a parameter-sized tensor:
 
 A layer switches to materializing D_rᵀX_r when 2·T² > d_in·d_out. A parameter used by several calls
 (tied embeddings, a module called twice) has ∇θ_r = Σ_u ∇θ_r^u, so the cross terms of its uses are
-added (`GramSums`). Everything is contracted per group of rows (one probe's responses) in float64.
+added (`GramSums`). Everything is contracted per group of rows (one probe's responses): dot products over a layer's
+feature dimension in the activations' dtype (float32 at least), every Gram sum in float64.
 Module kinds are recognized by their `forward` function, never by isinstance alone.
 
 `GhostCollector` contracts each call's factors in a tensor hook on its output during the backward.
@@ -84,14 +85,20 @@ def _f64(t: Tensor) -> Tensor:
     return t.to(torch.float64)
 
 
+def _wide(t: Tensor) -> Tensor:
+    """Float32 at least: feature-dimension dot products of bf16/fp16 activations run in float32,
+    float64 ones stay float64; the Gram sums over tokens, uses and layers are float64 throughout."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
+
+
 def _flat_l(o: Outer, rows: Tensor) -> Tensor:
-    """l of the group's rows over (row, token): [R·T, dim_l] float64, or [R·T] ids."""
+    """l of the group's rows over (row, token): [R·T, dim_l], or [R·T] ids."""
     l = o.l[rows].flatten(0, 1)
-    return l if o.ids else _f64(l)
+    return l if o.ids else _wide(l)
 
 
 def _flat_m(o: Outer, rows: Tensor) -> Tensor:
-    return _f64(o.m[rows].flatten(0, 1))
+    return _wide(o.m[rows].flatten(0, 1))
 
 
 def _column_index(o: Outer, ids: Tensor) -> Tensor:
@@ -105,10 +112,10 @@ def _l_gram(u: Outer, v: Outer, rows: Tensor) -> Tensor:
     if u.ids and v.ids:
         return _f64(lu[:, None] == lv[None, :])
     if v.ids:
-        return lu[:, _column_index(u, lv)]
+        return _f64(lu[:, _column_index(u, lv)])
     if u.ids:
-        return lv[:, _column_index(v, lu)].T
-    return lu @ lv.T
+        return _f64(lv[:, _column_index(v, lu)].T)
+    return _f64(lu @ lv.T)
 
 
 def _materialized(o: Outer, rows: Tensor) -> Tensor:
@@ -131,7 +138,7 @@ def _outer_gram(u: Outer, v: Outer, rows: Tensor, materialize: bool | None) -> T
         a = _materialized(u, rows)
         return a @ (a if v is u else _materialized(v, rows)).T
     r, t, s = len(rows), u.m.shape[1], v.m.shape[1]
-    k = _l_gram(u, v, rows) * (_flat_m(u, rows) @ _flat_m(v, rows).T)
+    k = _l_gram(u, v, rows) * _f64(_flat_m(u, rows) @ _flat_m(v, rows).T)
     return k.view(r, t, r, s).sum((1, 3))
 
 
