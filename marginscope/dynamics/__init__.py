@@ -11,11 +11,13 @@ from .coefficients import (
     probability_dynamics,
 )
 from .exact import ParameterScope, select_parameters
+from .inrun import InRunGeometry, InRunPairs, score_pairs, trl_pairs
 from .measure import Geometry, PairDynamics, measure, pair_dynamics
 from .scoring import EncodedProbe, encode, score_rows
 
 __all__ = [
-    "CASE_NAMES", "EncodedProbe", "Geometry", "PairDynamics", "ParameterScope", "case_thresholds",
-    "classify", "coefficients", "encode", "gram_cosine", "log_prob_ntk", "measure", "pair_dynamics",
-    "predict_delta", "probability_dynamics", "score_rows", "select_parameters",
+    "CASE_NAMES", "EncodedProbe", "Geometry", "InRunGeometry", "InRunPairs", "PairDynamics",
+    "ParameterScope", "case_thresholds", "classify", "coefficients", "encode", "gram_cosine",
+    "log_prob_ntk", "measure", "pair_dynamics", "predict_delta", "probability_dynamics", "score_pairs",
+    "score_rows", "select_parameters", "trl_pairs",
 ]
