@@ -1,9 +1,11 @@
-"""Independent slow oracles: torch.func gradients of one unpadded sequence at a time."""
+"""Independent slow oracles (torch.func gradients of one unpadded sequence at a time) and test models."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.func import functional_call, grad
+from transformers.modeling_outputs import CausalLMOutput
 
 
 def _logp_fn(model, prompt_ids, response_ids, token: int | None = None):
@@ -35,3 +37,25 @@ def oracle_logp(model, prompt_ids, response_ids) -> float:
 def oracle_gram(model, names, prompt_ids, responses) -> torch.Tensor:
     g = torch.stack([flat_grad(model, names, prompt_ids, r) for r in responses])
     return (g @ g.T).detach()
+
+
+def oracle_token_gram(model, names, prompt_ids, chosen_ids, rejected_ids) -> torch.Tensor:
+    """[T_w, T_l] per-token Gram from one torch.func gradient per token."""
+    gw = torch.stack([flat_grad(model, names, prompt_ids, chosen_ids, t) for t in range(len(chosen_ids))])
+    gl = torch.stack([flat_grad(model, names, prompt_ids, rejected_ids, s) for s in range(len(rejected_ids))])
+    return (gw @ gl.T).detach()
+
+
+class ScaledLM(nn.Module):
+    """A wrapper whose own forward uses its own parameter: not attributable by module hooks."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm, self.config = lm, lm.config
+        self.scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+    def forward(self, **kwargs):
+        return CausalLMOutput(logits=self.lm(**kwargs).logits * self.scale)
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()

@@ -83,8 +83,9 @@ def test_regex_scope_and_names(make_model, tokenizer, probes):
 
 
 def test_per_token_exact_matches_per_token_oracle(make_model, tokenizer, probes):
+    """The one-backward-per-token oracle (engine="exact") against torch.func per-token gradients."""
     model = make_model("gpt2")
-    geo = ms.dynamics.measure(model, tokenizer, probes, params="all", per_token="exact")
+    geo = ms.dynamics.measure(model, tokenizer, probes, params="all", engine="exact", per_token="exact")
     names = select_parameters(model, "all").names
     for n, pid in enumerate(geo.probe_ids):
         prompt = geo.input_ids(n, 0)[0].tolist()

@@ -15,6 +15,7 @@ from marginscope.dynamics import encode, score_rows, select_parameters
 from marginscope.dynamics import ghost
 from marginscope.dynamics.exact import exact_gram_chunk, gradient_scope
 from marginscope.dynamics.ghost import GhostCollector, ghost_gram_chunk, ghost_supports
+from oracles import ScaledLM
 
 ARCHS = [("gpt2", {}), ("llama", {}), ("qwen2", {}), ("gpt_neox", {}), ("llama", {"tie": True})]
 
@@ -162,18 +163,6 @@ def test_default_rule_materializes_small_layers_only(make_model, tokenizer, prob
     assert shapes and model.config.vocab_size not in shapes  # lm_head stays ghost
     exact = _chunk_grams(model, tokenizer, probes, scope, exact_gram_chunk)
     assert all(_rel(g, e) <= 1e-6 for g, e in zip(fast, exact))
-
-
-class ScaledLM(nn.Module):
-    """A wrapper whose own forward uses its own parameter: not attributable by module hooks."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm, self.config = lm, lm.config
-        self.scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
-
-    def forward(self, **kwargs):
-        return CausalLMOutput(logits=self.lm(**kwargs).logits * self.scale)
 
 
 class ReusedHeadLM(nn.Module):
