@@ -2,7 +2,7 @@
 
 Model: GPT-2-small widths (d=768, 12 heads), untied LM head, `--layers` blocks (default 2) and a
 `--vocab` of 8192, so that the naive baseline's stored per-token gradients fit in memory. Tiers
-(`measure(per_token=...)`) and what they cover:
+(`tokens.token_gram`, what `measure(per_token=...)` runs per probe) and what they cover:
   head   the LM head only                      tail   every module after the last attention
   exact  every parameter
 Each tier is timed against the naive per-token loop restricted to the same parameters: one backward
@@ -73,11 +73,13 @@ def _naive(tier: str):
 
 def _tier(tier: str):
     def run(state):
-        import marginscope as ms
+        from marginscope.dynamics import tokens
+        from marginscope.dynamics.exact import gradient_scope, select_parameters
         model, probe = state
-        geo = ms.dynamics.measure(model, common.IdTokenizer(), common.id_probes([probe]), params="all",
-                                  engine="ghost", per_token=tier)
-        return geo.token_gram[probe.probe_id].tolist()
+        scope = select_parameters(model, "all")
+        with gradient_scope(model, scope):
+            gram, _, _ = tokens.token_gram(model, probe, scope, tier)
+        return gram.tolist()
     return run
 
 

@@ -79,20 +79,3 @@ def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-
-class IdTokenizer:
-    """A stand-in tokenizer for benchmarks: text is space-separated token ids (no special tokens)."""
-
-    pad_token_id = 0
-    eos_token_id = 2
-
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
-        return {"input_ids": [int(t) for t in text.split()]}
-
-
-def id_probes(probes: list[EncodedProbe]):
-    """A ProbeSet whose texts tokenize (with IdTokenizer) to exactly the given ids."""
-    from marginscope.probes import ProbeSet
-    text = lambda ids: " ".join(map(str, ids))  # noqa: E731
-    return ProbeSet.from_records([{"id": p.probe_id, "prompt": text(p.prompt_ids), "chosen": text(p.response_ids[0]),
-                                   "rejected": text(p.response_ids[1])} for p in probes])

@@ -108,7 +108,8 @@ def _column_index(o: Outer, ids: Tensor) -> Tensor:
 
 def _l_gram(u: Outer, v: Outer, rows: Tensor) -> Tensor:
     """[R·T, R·S] l_u,t · l_v,s; a one-hot side picks columns of the other: l[:, id]."""
-    lu, lv = _flat_l(u, rows), _flat_l(v, rows)
+    lu = _flat_l(u, rows)
+    lv = lu if v is u else _flat_l(v, rows)
     if u.ids and v.ids:
         return _f64(lu[:, None] == lv[None, :])
     if v.ids:
@@ -138,7 +139,9 @@ def _outer_gram(u: Outer, v: Outer, rows: Tensor, materialize: bool | None) -> T
         a = _materialized(u, rows)
         return a @ (a if v is u else _materialized(v, rows)).T
     r, t, s = len(rows), u.m.shape[1], v.m.shape[1]
-    k = _l_gram(u, v, rows) * _f64(_flat_m(u, rows) @ _flat_m(v, rows).T)
+    mu = _flat_m(u, rows)
+    mv = mu if v is u else _flat_m(v, rows)
+    k = _l_gram(u, v, rows) * _f64(mu @ mv.T)
     return k.view(r, t, r, s).sum((1, 3))
 
 
@@ -198,11 +201,18 @@ def _per_row(t: Tensor, b: int) -> Tensor:
     return t.reshape(b, -1, t.shape[-1])
 
 
+def _nonzero_positions(x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the positions where every row's cotangent is zero (they add nothing to any Gram): e.g. the
+    LM head sees cotangents only at scored response positions, not over the prompt or padding."""
+    keep = d.flatten(2).ne(0).any(-1).any(0)
+    return (x, d) if bool(keep.all()) else (x[:, keep], d[:, keep])
+
+
 def _affine_factors(call: Call, grad: Tensor, weight: Callable[[Tensor, Tensor], Outer]
                     ) -> dict[str, Factor]:
     """Linear / Conv1D: the weight's outer factor from (X, D) in its layout; ∇b_r = Σ_t D_r,t."""
     b = grad.shape[0]
-    x, d = _per_row(_first_input(call), b), _per_row(grad, b)
+    x, d = _nonzero_positions(_per_row(_first_input(call), b), _per_row(grad, b))
     factors = {"weight": lambda: weight(x, d), "bias": lambda: Dense(d.sum(1, dtype=torch.float64))}
     return {a: factors[a]() for a, _ in call.params}
 
