@@ -35,3 +35,17 @@ def test_trace_format_doc_lists_every_record_dataset():
     assert f"schema version {ms.trace.SCHEMA_VERSION}" in text
     for name in _RECORD_FIELDS:
         assert f"| `{name}` |" in text, name
+
+
+def test_readme_python_example_runs(tmp_path):
+    """The README's first Python example, on a saved tiny model and the bundled demo probes."""
+    from marginscope.demo.tiny import save_tiny
+    model_dir = save_tiny(tmp_path / "ckpt")
+    probes = ROOT / "marginscope" / "demo" / "probes.jsonl"
+    text = (ROOT / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    snippet = snippet.replace('"path/to/checkpoint"', repr(str(model_dir))).replace('"probes.jsonl"', repr(str(probes)))
+    scope: dict = {}
+    exec(snippet, scope)
+    assert scope["case"].shape == (6,) and set(scope["case"]) <= {1, 2, 3, 4}
+    assert scope["geo"].engine == "ghost" and scope["delta"].shape == (6, 2)
