@@ -39,11 +39,12 @@ def oracle_gram(model, names, prompt_ids, responses) -> torch.Tensor:
     return (g @ g.T).detach()
 
 
-def oracle_token_gram(model, names, prompt_ids, chosen_ids, rejected_ids) -> torch.Tensor:
-    """[T_w, T_l] per-token Gram from one torch.func gradient per token."""
+def oracle_token_gram(model, names, prompt_ids, chosen_ids, rejected_ids
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[T_w, T_l] per-token Gram and both per-token squared norms, one torch.func gradient per token."""
     gw = torch.stack([flat_grad(model, names, prompt_ids, chosen_ids, t) for t in range(len(chosen_ids))])
     gl = torch.stack([flat_grad(model, names, prompt_ids, rejected_ids, s) for s in range(len(rejected_ids))])
-    return (gw @ gl.T).detach()
+    return (gw @ gl.T).detach(), (gw * gw).sum(1).detach(), (gl * gl).sum(1).detach()
 
 
 class ScaledLM(nn.Module):
