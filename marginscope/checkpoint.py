@@ -60,7 +60,8 @@ def measure_checkpoint(model_dir: str | Path, probes_path: str | Path, *, output
                        params: str = "trainable", engine: str = "auto", per_token: str | None = None,
                        batch_size: int = 8, padding_side: str = "right", add_eos: bool = False,
                        dtype: str = "auto", device: str = "cpu", step: int = 0,
-                       projection_dim: int = 4096, progress: bool = False) -> CheckpointMeasurement:
+                       projection_dim: int = 4096, projection_seed: int = 0,
+                       progress: bool = False) -> CheckpointMeasurement:
     """Load model, tokenizer and probes; measure; evaluate `loss` (reference = `ref_dir`, or the
     model itself); write a one-record trace to `output` when given."""
     out = check_output_path(output) if output is not None else None
@@ -73,7 +74,7 @@ def measure_checkpoint(model_dir: str | Path, probes_path: str | Path, *, output
     model = load_model(model_dir, dtype=dtype, device=device)
     geo = measure(model, tokenizer, probes, params=params, engine=engine, per_token=per_token,
                   batch_size=batch_size, padding_side=padding_side, add_eos=add_eos,
-                  projection_dim=projection_dim, progress=progress)
+                  projection_dim=projection_dim, projection_seed=projection_seed, progress=progress)
     if ref_dir is None:
         ref_logp = geo.logp
     else:
@@ -90,7 +91,7 @@ def measure_checkpoint(model_dir: str | Path, probes_path: str | Path, *, output
             "reference": str(ref_dir) if ref_dir is not None else "model itself",
             "loss": loss_fn.name, "loss_hparams": loss_fn.hparams, "scope": geo.scope_spec,
             "n_params": geo.n_params, "engine": geo.engine, "per_token": geo.per_token,
-            **({"projection_dim": projection_dim, "projection_seed": 0} if geo.engine == "projected" else {}),
+            **({"projection_dim": projection_dim, "projection_seed": projection_seed} if geo.engine == "projected" else {}),
             "padding_side": padding_side, "add_eos": add_eos, "versions": versions(),
         }
         token_gram = {geo.probe_ids.index(pid): (g, *geo.token_sqnorm[pid]) for pid, g in geo.token_gram.items()}

@@ -121,7 +121,7 @@ def exact_gram_chunk(model: nn.Module, chunk: Sequence[EncodedProbe], scope: Par
         grads = [_grads(logp[i + k], scope) for k in range(r)]
         grams.append(_gram_of(grads, grads))
         i += r
-    return ScoredRows(scored.token_logp.detach(), scored.mask), grams
+    return scored.detach(), grams
 
 
 def exact_token_gram(model: nn.Module, probe: EncodedProbe, scope: ParameterScope, *,

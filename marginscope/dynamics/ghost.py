@@ -366,7 +366,7 @@ def _compact(u: Factor, pending: list[Call]) -> Factor:
 
 # --- recording calls ---------------------------------------------------------------------------------
 
-def _sequence_mark() -> int:
+def sequence_mark() -> int:
     """Sequence number of a fresh autograd node (grad mode on); later nodes on this thread get larger."""
     return torch.zeros((), requires_grad=True).view(()).grad_fn._sequence_nr()
 
@@ -488,7 +488,7 @@ class CallRecorder:
 
     def _pre(self, module: nn.Module, args: tuple) -> None:
         if self._recording and torch.is_grad_enabled():
-            self._starts[module] = _sequence_mark() + 1
+            self._starts[module] = sequence_mark() + 1
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, out, *, kind: Kind,
               params: list[tuple[str, nn.Parameter]]) -> None:
@@ -502,7 +502,7 @@ class CallRecorder:
             return
         self._check_batch(out.shape[0], module)
         call = Call(module, kind, params, _detached(args), _detached(kwargs))
-        span = (self._starts.pop(module), _sequence_mark())
+        span = (self._starts.pop(module), sequence_mark())
         for _, p in params:
             self._spans[id(p)].append(span)
         if not any(isinstance(t, Tensor) and t.requires_grad for t in tree_leaves((args, kwargs))):
@@ -601,4 +601,4 @@ def ghost_gram_chunk(model: nn.Module, chunk: Sequence[EncodedProbe], scope: Par
         inputs = collector.check_attribution(total)
         if inputs:
             torch.autograd.grad(total, inputs, allow_unused=True)
-    return ScoredRows(scored.token_logp.detach(), scored.mask), collector.grams
+    return scored.detach(), collector.grams

@@ -181,4 +181,4 @@ def projected_gram_chunk(model: nn.Module, chunk: Sequence[EncodedProbe], scope:
         inputs = collector.check_attribution(total)
         if inputs:
             torch.autograd.grad(total, inputs, allow_unused=True)
-    return ScoredRows(scored.token_logp.detach(), scored.mask), collector.grams, collector.sketches
+    return scored.detach(), collector.grams, collector.sketches

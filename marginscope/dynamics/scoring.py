@@ -83,10 +83,19 @@ class ScoredRows:
 
     token_logp: torch.Tensor  # [B, T] (0 where mask is False)
     mask: torch.Tensor  # [B, T] bool
+    logit_pos: torch.Tensor  # [B, T] position in the padded row of the logits that score each token
 
     @property
     def logp(self) -> torch.Tensor:
         return self.token_logp.sum(-1)
+
+    def detach(self) -> ScoredRows:
+        return ScoredRows(self.token_logp.detach(), self.mask, self.logit_pos)
+
+    def scored_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, token, logit position) of every scored token, row by row: [K] each."""
+        row, token = self.mask.nonzero(as_tuple=True)
+        return row, token, self.logit_pos[row, token]
 
 
 def _pad_batch(rows: Sequence[Row], padding_side: str, pad_id: int, device: torch.device):
@@ -126,7 +135,7 @@ def score_rows(model: PreTrainedModel, rows: Sequence[Row], *, padding_side: str
     picked = torch.gather(logits, 1, logit_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
     picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
     token_logp = torch.gather(picked.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
-    return ScoredRows(token_logp.masked_fill(~mask, 0.0), mask)
+    return ScoredRows(token_logp.masked_fill(~mask, 0.0), mask, logit_pos)
 
 
 def sequence_logp(model: PreTrainedModel, encoded: Sequence[EncodedProbe], *, batch_size: int = 8,

@@ -58,8 +58,8 @@ from torch.utils._pytree import tree_map
 
 from ..errors import MarginscopeError
 from .exact import ParameterScope
-from .ghost import Call, CallRecorder, GramSums, Plan, _sequence_mark, attributable_plan, plan_modules
-from .scoring import EncodedProbe, Row, _pad_batch, score_rows
+from .ghost import Call, CallRecorder, GramSums, Plan, attributable_plan, plan_modules, sequence_mark
+from .scoring import EncodedProbe, Row, score_rows
 
 TIERS = ("head", "tail", "exact")
 TOKEN_CHUNK_BYTES = 1 << 30  # default memory budget of one chunk of the exact tier
@@ -84,14 +84,6 @@ def token_gram(model: nn.Module, probe: EncodedProbe, scope: ParameterScope, tie
 
 # --- head and tail: one backward, a virtual row per scored position ----------------------------------
 
-def _token_index(rows: Sequence[Row], padding_side: str, device: torch.device
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(row, token, logit position) of every scored token, the first row's tokens first: [K] each."""
-    _, _, _, logit_pos, _, mask = _pad_batch(rows, padding_side, 0, device)
-    row, token = mask.nonzero(as_tuple=True)
-    return row, token, logit_pos[row, token]
-
-
 def _at_positions(call: Call, grad: Tensor, row: Tensor, pos: Tensor) -> tuple[Call, Tensor]:
     """Virtual rows (row_k, position τ_k) as a batch of K rows of length one: every tensor input and
     the cotangent [B, T, …] → [K, 1, …]; tensors without a batch dimension are shared."""
@@ -113,7 +105,7 @@ def _at_positions(call: Call, grad: Tensor, row: Tensor, pos: Tensor) -> tuple[C
 def _attention_marks(model: nn.Module) -> Iterator[list[int]]:
     """Autograd sequence marks taken as each attention module's forward returns."""
     marks: list[int] = []
-    handles = [m.register_forward_hook(lambda *_: marks.append(_sequence_mark()))
+    handles = [m.register_forward_hook(lambda *_: marks.append(sequence_mark()))
                for m in model.modules() if "Attention" in type(m).__name__]
     try:
         yield marks
@@ -148,7 +140,7 @@ def positionwise_token_gram(model: nn.Module, rows: Sequence[Row], scope: Parame
         raise MarginscopeError(f"per_token={tier!r}: no parameter of the scope ({scope.spec}) is used by "
                                f"the {tier} modules the ghost engine attributes")
     grads = torch.autograd.grad(scored.logp.sum(), recorder.outputs(records), allow_unused=True)
-    row, _, pos = _token_index(rows, padding_side, scored.mask.device)
+    row, _, pos = scored.scored_tokens()
     uses = [(r.call, partial(_at_positions, r.call, g, row, pos))
             for r, g in zip(records, grads) if g is not None]
     return _split(_virtual_gram(uses, len(row), scope), len(rows[0][1]))
@@ -194,7 +186,7 @@ def batched_token_gram(model: nn.Module, rows: Sequence[Row], scope: ParameterSc
         scored = score_rows(model, rows, padding_side=padding_side, pad_id=pad_id)
     recorder.check_attribution(scored.logp.sum())
     outputs = recorder.outputs(recorder.calls)
-    row, token, _ = _token_index(rows, padding_side, scored.mask.device)
+    row, token, _ = scored.scored_tokens()
     t_w, t_l = len(rows[0][1]), len(rows[1][1])
     width = max(len(prompt) + len(response) for prompt, response in rows)
     k = max_tokens_per_chunk or _tokens_per_chunk(outputs, width, TOKEN_CHUNK_BYTES)
