@@ -12,11 +12,11 @@ import numpy as np
 
 from . import losses as loss_zoo
 from .dynamics.measure import Geometry, PairDynamics, check_options, measure, pair_dynamics
-from .dynamics.scoring import sequence_logp
+from .dynamics.scoring import sequence_logp, top_tokens
 from .errors import MarginscopeError
 from .loading import DTYPES, config_hash, load_model, load_tokenizer
 from .probes import load as load_probes
-from .trace.schema import Record, write_trace
+from .trace import Record, write_trace
 
 
 @dataclass
@@ -60,14 +60,17 @@ def measure_checkpoint(model_dir: str | Path, probes_path: str | Path, *, output
                        params: str = "trainable", engine: str = "auto", per_token: str | None = None,
                        batch_size: int = 8, padding_side: str = "right", add_eos: bool = False,
                        dtype: str = "auto", device: str = "cpu", step: int = 0,
-                       projection_dim: int = 4096, projection_seed: int = 0,
+                       projection_dim: int = 4096, projection_seed: int = 0, top_k: int = 5,
                        progress: bool = False) -> CheckpointMeasurement:
     """Load model, tokenizer and probes; measure; evaluate `loss` (reference = `ref_dir`, or the
-    model itself); write a one-record trace to `output` when given."""
+    model itself); write a one-record trace (with the `top_k` next tokens per position) to `output`
+    when given."""
     out = check_output_path(output) if output is not None else None
     check_options(engine=engine, per_token=per_token, batch_size=batch_size, padding_side=padding_side)
     if dtype not in DTYPES:
         raise MarginscopeError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if top_k < 1:
+        raise MarginscopeError(f"top_k must be ≥ 1; got {top_k}")
     loss_fn = loss_zoo.get(loss, **(hparams or {}))
     probes = load_probes(probes_path)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
@@ -75,11 +78,11 @@ def measure_checkpoint(model_dir: str | Path, probes_path: str | Path, *, output
     geo = measure(model, tokenizer, probes, params=params, engine=engine, per_token=per_token,
                   batch_size=batch_size, padding_side=padding_side, add_eos=add_eos,
                   projection_dim=projection_dim, projection_seed=projection_seed, progress=progress)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if ref_dir is None:
         ref_logp = geo.logp
     else:
         ref_model = load_model(ref_dir, dtype=dtype, device=device)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         ref_logp = sequence_logp(ref_model, geo.encoded, batch_size=batch_size,
                                  padding_side=padding_side, pad_id=pad_id).numpy()
     dyn = pair_dynamics(geo, loss_fn, ref_logp)
@@ -94,10 +97,13 @@ def measure_checkpoint(model_dir: str | Path, probes_path: str | Path, *, output
             **({"projection_dim": projection_dim, "projection_seed": projection_seed} if geo.engine == "projected" else {}),
             "padding_side": padding_side, "add_eos": add_eos, "versions": versions(),
         }
+        topk_ids, topk_prob = top_tokens(model, geo.encoded, top_k, batch_size=batch_size,
+                                         padding_side=padding_side, pad_id=pad_id)
         token_gram = {geo.probe_ids.index(pid): (g, *geo.token_sqnorm[pid]) for pid, g in geo.token_gram.items()}
         record = Record(step=step, logp=geo.logp, token_logp=geo.token_logp, gram=geo.gram,
                         d_w=dyn.d_w, d_l=dyn.d_l, case=dyn.case, predicted_delta=dyn.predicted_delta,
-                        observed_delta=np.full_like(geo.logp, np.nan), token_gram=token_gram)
+                        observed_delta=np.full_like(geo.logp, np.nan), topk_ids=topk_ids,
+                        topk_prob=topk_prob, token_gram=token_gram)
         write_trace(out, probes=probes, encoded=geo.encoded, names=geo.names, metadata=metadata,
-                    records=[record], ref_logp=ref_logp)
+                    records=[record], ref_logp=ref_logp, top_k=top_k)
     return CheckpointMeasurement(geo, dyn, np.asarray(ref_logp), loss_fn, out)

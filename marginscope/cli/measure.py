@@ -34,6 +34,7 @@ def measure_command(
     dtype: str = typer.Option("auto", "--dtype", help="auto (saved dtype), float32, float64, bfloat16, float16."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, …"),
     step: int = typer.Option(0, "--step", min=0, help="Step number to record."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Most probable next tokens kept per position in the trace."),
 ) -> None:
     """Measure log-probs and gradient geometry of a checkpoint on a probe set, and classify each pair.
 
@@ -48,7 +49,7 @@ def measure_command(
         model, probes, output=output, loss=loss, hparams=hparams, ref_dir=ref, tokenizer_dir=tokenizer,
         params=params, engine=engine, per_token=per_token, batch_size=batch_size,
         padding_side=padding_side, add_eos=add_eos, dtype=dtype, device=device, step=step,
-        projection_dim=projection_dim, progress=True)
+        projection_dim=projection_dim, top_k=top_k, progress=True)
     out.print(summary_table(result))
     if result.output is not None:
         out.print(f"wrote {result.output}")

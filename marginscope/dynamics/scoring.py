@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -130,12 +131,17 @@ def score_rows(model: PreTrainedModel, rows: Sequence[Row], *, padding_side: str
     device = next(model.parameters()).device
     input_ids, attention, position_ids, logit_pos, targets, mask = _pad_batch(
         rows, padding_side, pad_id, device)
+    log_probs = _scored_log_softmax(model, input_ids, attention, position_ids, logit_pos)
+    token_logp = torch.gather(log_probs, 2, targets.unsqueeze(-1)).squeeze(-1)
+    return ScoredRows(token_logp.masked_fill(~mask, 0.0), mask, logit_pos)
+
+
+def _scored_log_softmax(model: PreTrainedModel, input_ids, attention, position_ids, logit_pos) -> torch.Tensor:
+    """[B, T, V] next-token log-softmax at each scored position (float32 at least)."""
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
                    use_cache=False).logits
     picked = torch.gather(logits, 1, logit_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-    picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
-    token_logp = torch.gather(picked.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
-    return ScoredRows(token_logp.masked_fill(~mask, 0.0), mask, logit_pos)
+    return picked.to(torch.promote_types(picked.dtype, torch.float32)).log_softmax(-1)
 
 
 def sequence_logp(model: PreTrainedModel, encoded: Sequence[EncodedProbe], *, batch_size: int = 8,
@@ -154,3 +160,41 @@ def sequence_logp(model: PreTrainedModel, encoded: Sequence[EncodedProbe], *, ba
     finally:
         model.train(was_training)
     return torch.cat(out)
+
+
+def top_tokens(model: PreTrainedModel, encoded: Sequence[EncodedProbe], k: int, *, batch_size: int = 8,
+               padding_side: str = "right", pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Where the probability mass goes: the k most probable next tokens under teacher forcing at
+    every scored position of every response, most probable first (top-1 = the argmax y*_t).
+
+    Returns (ids int32 [N, R, T, k], −1 beyond a response; probabilities float32 [N, R, T, k], NaN
+    beyond), T the longest response. No gradients, eval mode, the model's mode restored.
+    """
+    if k < 1:
+        raise MarginscopeError(f"top_k must be ≥ 1; got {k}")
+    n, r = len(encoded), len(encoded[0].response_ids) if encoded else 0
+    t_max = max((len(ids) for e in encoded for ids in e.response_ids), default=0)
+    ids_out = np.full((n, r, t_max, k), -1, dtype=np.int32)
+    prob_out = np.full((n, r, t_max, k), np.nan, dtype=np.float32)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                chunk = encoded[start:start + batch_size]
+                rows = [row for probe in chunk for row in probe.rows()]
+                input_ids, attention, position_ids, logit_pos, _, mask = _pad_batch(
+                    rows, padding_side, pad_id, device)
+                log_probs = _scored_log_softmax(model, input_ids, attention, position_ids, logit_pos)
+                top = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)
+                top_ids, top_prob = top.indices.cpu().numpy(), top.values.exp().float().cpu().numpy()
+                mask = mask.cpu().numpy()
+                for b in range(len(rows)):
+                    i, j = start + b // r, b % r
+                    t = int(mask[b].sum())
+                    ids_out[i, j, :t, :top_ids.shape[-1]] = top_ids[b, :t]
+                    prob_out[i, j, :t, :top_ids.shape[-1]] = top_prob[b, :t]
+    finally:
+        model.train(was_training)
+    return ids_out, prob_out

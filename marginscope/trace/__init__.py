@@ -1,7 +1,11 @@
-"""HDF5 traces: `ms.trace.open(path)` and the writer used by `measure` and the tracker."""
+"""HDF5 traces: `ms.trace.open(path)`, the SWMR writer behind the tracker, and `write_trace`.
 
-from .schema import SCHEMA_VERSION, Record, Trace, open_trace, write_trace
+One module, `schema.py`, owns the layout (documented in docs/trace-format.md).
+"""
+
+from .schema import SCHEMA_VERSION, Record, Trace, TraceWriter, nonfinite_probes, open_trace, write_trace
 
 open = open_trace  # noqa: A001 — the public name is ms.trace.open(path)
 
-__all__ = ["SCHEMA_VERSION", "Record", "Trace", "open", "open_trace", "write_trace"]
+__all__ = ["SCHEMA_VERSION", "Record", "Trace", "TraceWriter", "nonfinite_probes", "open", "open_trace",
+           "write_trace"]
