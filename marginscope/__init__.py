@@ -6,17 +6,21 @@
     loss = ms.losses.get("dpo", beta=0.1)
     d_w, d_l = ms.dynamics.coefficients(loss, logp_w, logp_l, ref_w, ref_l, len_w, len_l)
     case = ms.dynamics.classify(geo.gram, d_w, d_l)
+    with ms.Tracker(model, tokenizer, probes, path="run.h5", loss=loss, every=10) as tracker:
+        ...  # training loop: tracker.step(step) after each optimizer step
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import dynamics, losses, probes, trace
+from . import dynamics, integrations, losses, probes, trace
 from .dynamics import measure
 from .errors import InputError, MarginscopeError
+from .tracker import Tracker
 
 try:
     __version__ = version("marginscope")
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+local"
 
-__all__ = ["InputError", "MarginscopeError", "__version__", "dynamics", "losses", "measure", "probes", "trace"]
+__all__ = ["InputError", "MarginscopeError", "Tracker", "__version__", "dynamics", "integrations", "losses", "measure",
+           "probes", "trace"]

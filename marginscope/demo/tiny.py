@@ -54,23 +54,25 @@ def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320) -> Pr
 
 
 def tiny_config(arch: str, vocab_size: int, *, tie: bool | None = None, width: int = 32,
-                layers: int = 2, max_positions: int = 128) -> PretrainedConfig:
+                layers: int = 2, max_positions: int = 128, dropout: float = 0.0) -> PretrainedConfig:
     """A small config of a real architecture: gpt2 (tied, Conv1D, biases, LayerNorm), llama (untied,
-    RMSNorm, GQA), qwen2 (q/k/v biases, RMSNorm, GQA), gpt_neox (parallel residual, rotary)."""
+    RMSNorm, GQA), qwen2 (q/k/v biases, RMSNorm, GQA), gpt_neox (parallel residual, rotary).
+    `dropout` sets every dropout probability the architecture has (0 by default)."""
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if arch == "gpt2":
         cfg = GPT2Config(n_embd=width, n_layer=layers, n_head=4, n_positions=max_positions,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, **common)
         cfg.tie_word_embeddings = True if tie is None else tie
     elif arch in ("llama", "qwen2"):
         cls = LlamaConfig if arch == "llama" else Qwen2Config
         cfg = cls(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                  tie_word_embeddings=bool(tie), **common)
+                  attention_dropout=dropout, tie_word_embeddings=bool(tie), **common)
     elif arch == "gpt_neox":
         cfg = GPTNeoXConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                             num_attention_heads=4, max_position_embeddings=max_positions,
-                            use_parallel_residual=True, tie_word_embeddings=bool(tie), **common)
+                            use_parallel_residual=True, hidden_dropout=dropout, attention_dropout=dropout,
+                            tie_word_embeddings=bool(tie), **common)
     else:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     return cfg

@@ -221,9 +221,18 @@ def pair_dynamics(geo: Geometry, loss, ref_logp: np.ndarray | None = None) -> Pa
     ref_logp [N, R]: the reference model's log-probs; by default the measured model itself (the
     state at the start of a preference run, where every log-ratio is 0).
     """
-    w, l = geo.index("chosen"), geo.index("rejected")
-    ref = geo.logp if ref_logp is None else np.asarray(ref_logp, dtype=np.float64)
-    d_w, d_l = coefficients(loss, geo.logp[:, w], geo.logp[:, l], ref[:, w], ref[:, l],
-                            geo.lengths[:, w].astype(np.float64), geo.lengths[:, l].astype(np.float64))
-    return PairDynamics(d_w, d_l, classify(geo.gram, d_w, d_l, w=w, l=l),
-                        predict_delta(geo.gram, d_w, d_l, eta=1.0, w=w, l=l))
+    return pair_dynamics_of(geo.logp, geo.gram, geo.lengths, geo.names, loss,
+                            geo.logp if ref_logp is None else ref_logp)
+
+
+def pair_dynamics_of(logp: np.ndarray, gram: np.ndarray, lengths: np.ndarray, names: list[str], loss,
+                     ref_logp: np.ndarray) -> PairDynamics:
+    """`pair_dynamics` on arrays: logp, ref_logp, lengths [N, R], gram [N, R, R], response `names`."""
+    if "chosen" not in names or "rejected" not in names:
+        raise MarginscopeError(f"responses {names} lack 'chosen' or 'rejected'")
+    w, l = names.index("chosen"), names.index("rejected")
+    ref = np.asarray(ref_logp, dtype=np.float64)
+    d_w, d_l = coefficients(loss, logp[:, w], logp[:, l], ref[:, w], ref[:, l],
+                            lengths[:, w].astype(np.float64), lengths[:, l].astype(np.float64))
+    return PairDynamics(d_w, d_l, classify(gram, d_w, d_l, w=w, l=l),
+                        predict_delta(gram, d_w, d_l, eta=1.0, w=w, l=l))

@@ -1,0 +1,442 @@
+"""`Tracker`: record a probe set's dynamics during a training run into an HDF5 trace.
+
+    tracker = ms.Tracker(model, tokenizer, probes, path="run.h5", loss=loss, every=10)  # records step 0
+    for step, batch in enumerate(loader, start=1):
+        with tracker.in_run(n_pairs=len(batch)) as geo:      # optional: exact per-pair geometry of the batch
+            logps, _ = ms.dynamics.score_pairs(model, batch)
+            geo.watch(logps)
+            loss_fn(logps).backward()
+        optimizer.step(); optimizer.zero_grad()
+        tracker.step(step)                                   # records when step % every == 0
+    tracker.close()
+
+A record holds, for every probe and response: sequence and per-token log-probs, the Gram of the
+log-prob gradients, the loss's d_w/d_l, the Case, the first-order prediction and the change since the
+previous record, the top-k next tokens at every position (where the probability mass goes), and the
+per-token Gram of a chosen subset of probes. In-run rows (training-batch pairs) are written at each
+record and at `close()`.
+
+The never-hurt-the-run policy: measurements run in eval mode without touching `.grad`; the RNG state,
+train/eval mode and grad mode are restored afterwards; an exception inside a measurement is logged once
+and disables that measurement (geometry, per_token, top_k, in_run, trace), never training. Problems a
+user can fix (bad probe file, trace exists, options) raise `MarginscopeError` at construction, before
+any training step. Under torch.distributed every rank calls the same methods; probes are split across
+ranks, results gathered, and rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import losses as loss_zoo
+from .checkpoint import versions
+from .dynamics.inrun import InRunGeometry, InRunPairs
+from .dynamics.measure import check_options, measure, pair_dynamics_of
+from .dynamics.scoring import EncodedProbe, encode, model_max_length, score_rows, sequence_logp, top_tokens
+from .errors import MarginscopeError
+from .integrations.distributed import broadcast_from_main, gather_to_main, my_chunks, unwrap_model, world
+from .loading import config_hash
+from .probes import ProbeSet
+from .probes import load as load_probes
+from .trace.schema import Record, TraceWriter
+
+log = logging.getLogger("marginscope")
+
+MEASUREMENTS = ("geometry", "per_token", "top_k", "in_run", "trace")
+
+
+class _Guard:
+    """The first exception of a measurement is logged (with its traceback) and disables it."""
+
+    def __init__(self) -> None:
+        self.disabled: dict[str, str] = {}
+
+    def active(self, name: str) -> bool:
+        return name not in self.disabled
+
+    def run(self, name: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        if name in self.disabled:
+            return False, None
+        try:
+            return True, fn()
+        except Exception as err:  # noqa: BLE001 — the policy: never let a measurement stop training
+            self.disabled[name] = f"{type(err).__name__}: {err}"
+            log.error("marginscope: %s measurement failed and is disabled for the rest of the run: %s",
+                      name, self.disabled[name], exc_info=True)
+            return False, None
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Measure `model` as saved, not as the trainer runs it: autocast off, and the forward that
+    accelerate wrapped in autocast for mixed precision (its `_original_forward`) used directly. On exit
+    the RNG streams (CPU and CUDA), train/eval mode, grad mode and the wrapped forward are restored."""
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    training, grad = model.training, torch.is_grad_enabled()
+    wrapped = model.__dict__.get("forward") if "_original_forward" in model.__dict__ else None
+    try:
+        if wrapped is not None:
+            model.forward = model._original_forward
+        with contextlib.ExitStack() as stack:
+            for device in ("cpu", "cuda") if cuda is not None else ("cpu",):
+                stack.enter_context(torch.autocast(device, enabled=False))
+            yield
+    finally:
+        if wrapped is not None:
+            model.forward = wrapped
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        model.train(training)
+        torch.set_grad_enabled(grad)
+
+
+class Tracker:
+    """Record `probes` on `model` at step `start_step` (on construction) and every `every` steps.
+
+    loss: a `PairLoss` or a registered loss name (d_w/d_l, Cases, predictions). per_token: None,
+    "head", "tail" or "exact" for the per-token Gram of `per_token_probes` (ids; default all probes).
+    top_k: next tokens kept per position. Reference log-probs: `ref_logp` [N, R], else those of
+    `ref_model`, else the model's own at the first record (the usual DPO set-up: reference = initial
+    policy). start_step > 0 with an existing trace resumes it: records past start_step are dropped and
+    the run appends to the same file; start_step = 0 refuses an existing file unless `overwrite`.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, probes: ProbeSet | str | os.PathLike, path: str | os.PathLike,
+                 loss, every: int = 10, *, params="trainable", engine: str = "auto",
+                 per_token: str | None = None, per_token_probes: Sequence[str] | None = None, top_k: int = 5,
+                 ref_model: nn.Module | None = None, ref_logp: np.ndarray | None = None, batch_size: int = 8,
+                 padding_side: str = "right", add_eos: bool = False, start_step: int = 0,
+                 overwrite: bool = False, metadata: dict[str, Any] | None = None) -> None:
+        if every < 1:
+            raise MarginscopeError(f"every must be ≥ 1; got {every}")
+        if top_k < 1:
+            raise MarginscopeError(f"top_k must be ≥ 1; got {top_k}")
+        check_options(engine=engine, per_token=per_token, batch_size=batch_size, padding_side=padding_side)
+        self.model = unwrap_model(model)
+        self.tokenizer, self.every, self.top_k = tokenizer, every, top_k
+        self.loss = loss_zoo.get(loss) if isinstance(loss, str) else loss
+        self.probes = probes if isinstance(probes, ProbeSet) else load_probes(probes)
+        self.names = list(self.probes.response_names)
+        self.path = Path(path)
+        self.options = dict(params=params, engine=engine, batch_size=batch_size, padding_side=padding_side,
+                            add_eos=add_eos)
+        self.per_token = per_token
+        self.encoded = encode(tokenizer, self.probes, add_eos=add_eos, max_length=model_max_length(self.model))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.lengths = np.array([[len(ids) for ids in e.response_ids] for e in self.encoded], dtype=np.int64)
+        self.token_gram_probes = self._token_gram_indices(per_token, per_token_probes)
+        self.rank, self.world_size = world()
+        self.guard = _Guard()
+        self.summary: dict[str, float] = {}
+        self._inrun: list[tuple[int | None, InRunPairs, np.ndarray, np.ndarray]] = []
+        self._inrun_written_step: int | None = None
+        self._writer: TraceWriter | None = None
+        self._last_logp: np.ndarray | None = None
+        self._last_step: int | None = None
+        self._warned_nonfinite = False
+        self._closed = False
+        self._ref_logp = None if ref_logp is None else np.asarray(ref_logp, dtype=np.float64)
+        if self._ref_logp is not None and self._ref_logp.shape != self.lengths.shape:
+            raise MarginscopeError(f"ref_logp has shape {self._ref_logp.shape}; expected {self.lengths.shape}")
+        self._extra_metadata = dict(metadata or {})
+        self._start(start_step, overwrite, ref_model)
+
+    # --- public -------------------------------------------------------------------------------------
+
+    def step(self, step: int) -> bool:
+        """Call after each optimizer step (step = 1, 2, ...) on every rank; records when
+        step % every == 0. In-run rows gathered since the previous call get this step. Returns whether
+        a record was made."""
+        self._inrun = [(step if s is None else s, *rest) for s, *rest in self._inrun]
+        if self._closed or step % self.every or step == self._last_step:
+            return False
+        self._record(step)
+        self._flush_inrun()
+        return True
+
+    def in_run(self, *, n_pairs: int | None = None, pairs: Sequence[tuple[int, int]] | None = None) -> InRunStep:
+        """Context for one training forward+backward: exact per-pair geometry of its batch (see
+        `ms.dynamics.InRunGeometry`); the result is kept for the next `step()`."""
+        return InRunStep(self, n_pairs=n_pairs, pairs=pairs)
+
+    def on_inrun_pairs(self, step: int | None, pairs: InRunPairs, logp_w: np.ndarray, logp_l: np.ndarray) -> None:
+        """Sink for in-run geometry computed elsewhere (the TRL mixin); step None = the next `step()`."""
+        self._inrun.append((step, pairs, np.asarray(logp_w, dtype=np.float64), np.asarray(logp_l, dtype=np.float64)))
+
+    def close(self) -> None:
+        """Write pending in-run rows and close the trace (every rank; idempotent)."""
+        if self._closed:
+            return
+        self._flush_inrun()
+        self._closed = True
+        if self._writer is not None:
+            self.guard.run("trace", self._writer.close)
+            self._writer = None
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- start and resume ----------------------------------------------------------------------------
+
+    def _token_gram_indices(self, per_token: str | None, ids: Sequence[str] | None) -> list[int]:
+        if per_token is None:
+            if ids is not None:
+                raise MarginscopeError("per_token_probes given but per_token is None; choose a tier")
+            return []
+        if ids is None:
+            return list(range(len(self.probes)))
+        known = self.probes.ids
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise MarginscopeError(f"per_token_probes: no probe with id {unknown[0]!r}")
+        return sorted(known.index(i) for i in dict.fromkeys(ids))
+
+    def _start(self, start_step: int, overwrite: bool, ref_model: nn.Module | None) -> None:
+        record_now = True
+        if self.rank == 0:
+            if self.path.exists() and start_step > 0:
+                self._writer = TraceWriter.resume(self.path, probes=self.probes, names=self.names,
+                                                  step=start_step, top_k=self.top_k)
+                self._ref_logp = self._writer.ref_logp
+                self._last_logp = self._writer.last_logp()
+                steps = self._writer.steps
+                record_now = not (len(steps) and int(steps[-1]) == start_step)
+            elif self.path.exists() and not overwrite:
+                raise MarginscopeError(f"{self.path}: exists; pass overwrite=True, another path, or a "
+                                       "start_step > 0 to resume it")
+            elif not self.path.parent.is_dir():
+                raise MarginscopeError(f"{self.path}: folder {self.path.parent} does not exist")
+            if self._ref_logp is None and ref_model is not None:
+                ref = unwrap_model(ref_model)
+                with preserved_state(ref):
+                    self._ref_logp = sequence_logp(
+                        ref, self.encoded, batch_size=self.options["batch_size"],
+                        padding_side=self.options["padding_side"], pad_id=self.pad_id).numpy()
+        if broadcast_from_main(record_now):
+            self._record(start_step)
+        else:
+            self._last_step = start_step
+
+    def _metadata(self, start_step: int) -> dict[str, Any]:
+        cfg = getattr(self.model, "config", None)
+        return {
+            "kind": "tracker", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "start_step": start_step, "every": self.every,
+            "model": getattr(cfg, "_name_or_path", "") or type(self.model).__name__,
+            "model_config_hash": config_hash(self.model) if cfg is not None else "",
+            "model_dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "reference": "given" if self._ref_logp is not None else "initial policy (first record)",
+            "loss": self.loss.name, "loss_hparams": self.loss.hparams, "engine": self.options["engine"],
+            "per_token": self.per_token, "per_token_probes": [self.probes.ids[i] for i in self.token_gram_probes],
+            "top_k": self.top_k, "padding_side": self.options["padding_side"], "add_eos": self.options["add_eos"],
+            "world_size": self.world_size, "versions": versions(), **self._extra_metadata,
+        }
+
+    # --- one record ------------------------------------------------------------------------------------
+
+    def _record(self, step: int) -> None:
+        self._last_step = step
+        with preserved_state(self.model):
+            mine = [i for chunk in my_chunks(len(self.encoded), self.options["batch_size"], self.rank,
+                                              self.world_size) for i in chunk]
+            part = self._measure_part(mine) if mine else {}
+        parts = gather_to_main(part)
+        if parts is None or self._closed:
+            return
+        self.guard.run("trace", lambda: self._write_record(step, parts))
+
+    def _measure_part(self, indices: list[int]) -> dict[str, Any]:
+        """This rank's share: {"index", "logp", "token_logp", "gram", "engine", "n_params",
+        "topk_ids", "topk_prob", "token_gram"} for the probes `indices`, NaN where a measurement is off."""
+        subset = ProbeSet([self.probes[i] for i in indices])
+        encoded = [self.encoded[i] for i in indices]
+        n, r, t = len(indices), len(self.names), int(self.lengths.max())
+        part: dict[str, Any] = {"index": indices, "gram": np.full((n, r, r), np.nan),
+                                "token_logp": np.full((n, r, t), np.nan), "token_gram": {}}
+        ok, geo = self.guard.run("geometry", lambda: measure(self.model, self.tokenizer, subset, **self.options))
+        if ok:
+            part["gram"] = geo.gram
+            part["token_logp"][:, :, :geo.token_logp.shape[-1]] = geo.token_logp
+            part["engine"], part["n_params"], part["scope"] = geo.engine, geo.n_params, geo.scope_spec
+        else:
+            self._score_only(encoded, part["token_logp"])
+        wanted = [k for k, i in enumerate(indices) if i in self.token_gram_probes]
+        if wanted:
+            ok, tok = self.guard.run("per_token", lambda: measure(
+                self.model, self.tokenizer, ProbeSet([subset[k] for k in wanted]), per_token=self.per_token,
+                **self.options))
+            if ok:
+                part["token_gram"] = {indices[k]: (tok.token_gram[pid], *tok.token_sqnorm[pid])
+                                      for k, pid in zip(wanted, tok.probe_ids)}
+        part["topk_ids"] = np.full((n, r, t, self.top_k), -1, dtype=np.int32)
+        part["topk_prob"] = np.full((n, r, t, self.top_k), np.nan, dtype=np.float32)
+        ok, top = self.guard.run("top_k", lambda: top_tokens(
+            self.model, encoded, self.top_k, batch_size=self.options["batch_size"],
+            padding_side=self.options["padding_side"], pad_id=self.pad_id))
+        if ok:
+            part["topk_ids"][:, :, :top[0].shape[2]] = top[0]
+            part["topk_prob"][:, :, :top[1].shape[2]] = top[1]
+        return part
+
+    def _score_only(self, encoded: list[EncodedProbe], token_logp: np.ndarray) -> None:
+        """Per-token log-probs without gradients, when the geometry measurement is off."""
+        self.model.eval()
+        with torch.no_grad():
+            for k, probe in enumerate(encoded):
+                scored = score_rows(self.model, probe.rows(), padding_side=self.options["padding_side"],
+                                    pad_id=self.pad_id)
+                values = scored.token_logp.to(torch.float64).cpu().numpy()
+                for j, ids in enumerate(probe.response_ids):
+                    token_logp[k, j, :len(ids)] = values[j, :len(ids)]
+
+    def _write_record(self, step: int, parts: list[dict[str, Any]]) -> None:
+        n, r, t = len(self.encoded), len(self.names), int(self.lengths.max())
+        gram, token_logp = np.full((n, r, r), np.nan), np.full((n, r, t), np.nan)
+        topk_ids = np.full((n, r, t, self.top_k), -1, dtype=np.int32)
+        topk_prob = np.full((n, r, t, self.top_k), np.nan, dtype=np.float32)
+        token_gram: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        info: dict[str, Any] = {}
+        for part in parts:
+            if not part:
+                continue
+            idx = part["index"]
+            gram[idx], token_logp[idx] = part["gram"], part["token_logp"]
+            topk_ids[idx], topk_prob[idx] = part["topk_ids"], part["topk_prob"]
+            token_gram.update(part["token_gram"])
+            for key in ("engine", "n_params", "scope"):
+                info.setdefault(key, part.get(key))
+        logp = np.nansum(token_logp, axis=-1)
+        logp[np.isnan(token_logp[:, :, 0])] = np.nan
+        if self._ref_logp is None:
+            self._ref_logp = logp.copy()
+        dyn = pair_dynamics_of(logp, gram, self.lengths, self.names, self.loss, self._ref_logp)
+        observed = np.full_like(logp, np.nan) if self._last_logp is None else logp - self._last_logp
+        record = Record(step=step, logp=logp, token_logp=token_logp, gram=gram, d_w=dyn.d_w, d_l=dyn.d_l,
+                        case=dyn.case, predicted_delta=dyn.predicted_delta, observed_delta=observed,
+                        topk_ids=topk_ids, topk_prob=topk_prob, token_gram=token_gram)
+        if self._writer is None:
+            metadata = {**self._metadata(step), "engine_resolved": info.get("engine"),
+                        "n_params": info.get("n_params"), "scope": info.get("scope")}
+            shapes = {i: (int(self.lengths[i, self.names.index("chosen")]),
+                          int(self.lengths[i, self.names.index("rejected")])) for i in self.token_gram_probes}
+            self._writer = TraceWriter.create(self.path, probes=self.probes, encoded=self.encoded, names=self.names,
+                                              metadata=metadata, ref_logp=self._ref_logp, top_k=self.top_k,
+                                              token_gram_shapes=shapes, overwrite=True)
+        self._writer.append(record)
+        self._last_logp = logp
+        self.summary = self._summarize(record)
+        if not np.isfinite(record.logp).all() or not np.isfinite(record.gram).all():
+            if not self._warned_nonfinite:
+                log.warning("marginscope: step %d has non-finite log-probs or Gram entries (recorded and "
+                            "flagged in records/nonfinite)", step)
+                self._warned_nonfinite = True
+
+    def _summarize(self, record: Record) -> dict[str, float]:
+        """Scalars for the trainer's logs: mean cosine, Case fractions, mean log-probs per response."""
+        w, l = self.names.index("chosen"), self.names.index("rejected")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cosine = record.gram[:, w, l] / np.sqrt(record.gram[:, w, w] * record.gram[:, l, l])
+        out = {"marginscope/cosine_mean": _finite_mean(cosine)}
+        for case in (1, 2, 3, 4):
+            out[f"marginscope/case{case}_frac"] = float(np.mean(record.case == case))
+        for j, name in enumerate(self.names):
+            out[f"marginscope/logp_{name}_mean"] = _finite_mean(record.logp[:, j])
+        return out
+
+    # --- in-run rows -------------------------------------------------------------------------------------
+
+    def _flush_inrun(self) -> None:
+        """Gather pending in-run rows (those already given a step) to rank 0 and append them."""
+        ready = [e for e in self._inrun if e[0] is not None]
+        self._inrun = [e for e in self._inrun if e[0] is None]
+        gathered = gather_to_main(ready)
+        if gathered is None or self._writer is None:
+            return
+        self.guard.run("trace", lambda: self._write_inrun(gathered))
+
+    def _write_inrun(self, gathered: list[list[tuple]]) -> None:
+        counts: dict[int, int] = {}
+        for rank, rows in enumerate(gathered):
+            counts.clear()
+            for step, pairs, logp_w, logp_l in rows:
+                start = counts.get(step, 0)
+                self._writer.append_inrun(step, rank=rank, pair_start=start, inner=pairs.inner, sq_w=pairs.sq_w,
+                                          sq_l=pairs.sq_l, scale_w=pairs.scale_w, scale_l=pairs.scale_l,
+                                          case=pairs.case, logp_w=logp_w, logp_l=logp_l)
+                counts[step] = start + len(pairs.inner)
+        rows = [p for per_rank in gathered for _, p, _, _ in per_rank]
+        if rows:
+            cosine = np.concatenate([p.cosine for p in rows])
+            cases = np.concatenate([p.case for p in rows])
+            self.summary["marginscope/inrun_cosine_mean"] = _finite_mean(cosine)
+            for case in (1, 2, 3, 4):
+                self.summary[f"marginscope/inrun_case{case}_frac"] = float(np.mean(cases == case))
+
+
+def _finite_mean(values: np.ndarray) -> float:
+    """Mean of the finite entries (NaN when there is none)."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+class InRunStep:
+    """`Tracker.in_run(...)`: an `InRunGeometry` whose failures are logged once and disable the in-run
+    measurement instead of reaching the training step. Exceptions of the training code itself pass."""
+
+    def __init__(self, tracker: Tracker, *, n_pairs: int | None, pairs: Sequence[tuple[int, int]] | None) -> None:
+        self.tracker = tracker
+        self._geo: InRunGeometry | None = None
+        self._logps: Tensor | None = None
+        if tracker.guard.active("in_run"):
+            ok, geo = tracker.guard.run("in_run", lambda: InRunGeometry(
+                tracker.model, n_pairs=n_pairs, pairs=pairs, params=tracker.options["params"]))
+            self._geo = geo if ok else None
+
+    def __enter__(self) -> InRunStep:
+        if self._geo is not None:
+            ok, _ = self.tracker.guard.run("in_run", self._geo.__enter__)
+            if not ok:
+                self._geo = None
+        return self
+
+    def watch(self, logps: Tensor) -> Tensor:
+        """Register the step's [B] per-row sequence log-probs (returned unchanged)."""
+        if self._geo is not None:
+            ok, _ = self.tracker.guard.run("in_run", lambda: self._geo.watch(logps))
+            if ok:
+                self._logps = logps.detach()
+            else:
+                self._close_geometry()
+        return logps
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._geo is None:
+            return
+        geo = self._geo
+        self._close_geometry()
+        if exc_type is not None or self._logps is None:
+            return
+        ok, result = self.tracker.guard.run("in_run", geo.result)
+        if ok:
+            logps = self._logps.to(torch.float64).cpu().numpy()
+            self.tracker.on_inrun_pairs(None, result, logps[[w for w, _ in geo.pairs]],
+                                        logps[[l for _, l in geo.pairs]])
+
+    def _close_geometry(self) -> None:
+        geo, self._geo = self._geo, None
+        if geo is not None:
+            self.tracker.guard.run("in_run", lambda: geo.__exit__(None, None, None))
