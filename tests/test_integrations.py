@@ -31,8 +31,9 @@ class Snapshots(TrainerCallback):
 
 def _dpo_trainer(model, tokenizer, probes, tmp_path, steps: int, **config):
     rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in probes] * 4
+    config = {"save_strategy": "no", **config}
     args = trl.DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=steps,
-                         learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                         learning_rate=5e-3, logging_steps=1, report_to="none", use_cpu=True,
                          seed=0, disable_tqdm=True, disable_dropout=False, **config)
     return trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
                           train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
@@ -118,3 +119,22 @@ def test_hf_callback_needs_a_loss(make_model, tokenizer, probes, tmp_path):
     cb = ms.integrations.TrackerCallback(probes=probes, path=tmp_path / "x.h5")
     with pytest.raises(TypeError, match="loss"):
         cb.resolve_loss(None)
+
+
+def test_dpo_trainer_resumed_from_a_checkpoint_continues_the_trace(make_model, tokenizer, probes, tmp_path):
+    path = tmp_path / "run.h5"
+    first = _dpo_trainer(make_model("gpt2", dtype=torch.float32), tokenizer, probes, tmp_path, 6,
+                         save_strategy="steps", save_steps=3)
+    ms.integrations.attach(first, ms.integrations.TRLCallback(probes=probes, path=path, every=2))
+    first.train()
+    with ms.trace.open(path) as tr:
+        np.testing.assert_array_equal(tr.steps, [0, 2, 4, 6])
+        before = tr.logp
+    second = _dpo_trainer(make_model("gpt2", dtype=torch.float32), tokenizer, probes, tmp_path, 6)
+    ms.integrations.attach(second, ms.integrations.TRLCallback(probes=probes, path=path, every=2))
+    second.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
+    with ms.trace.open(path) as tr:
+        np.testing.assert_array_equal(tr.steps, [0, 2, 3, 4, 6])
+        np.testing.assert_array_equal(tr.logp[:2], before[:2])
+        np.testing.assert_allclose(tr.logp[3:], before[2:], rtol=1e-5)  # the same training, replayed
+        assert tr.metadata["start_step"] == 0
