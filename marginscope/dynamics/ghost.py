@@ -10,6 +10,8 @@ without ever materializing a parameter-sized tensor:
     nn.Linear weight [d_out, d_in]      l = D, m = X  → Σ (D_a D_bᵀ) ⊙ (X_a X_bᵀ)
     GPT-2 Conv1D weight [d_in, d_out]   l = X, m = D
     nn.Embedding weight (ids i)         l = one-hot(i), m = D → Σ [i_a,t = i_b,s] D_a,t · D_b,s
+                                        (called on one row for the batch, e.g. GPT-2's positions without
+                                        position_ids: D read where its output is broadcast-added)
     biases                              ∇b_r = Σ_t D_r,t, materialized
     any other small leaf module         ∇θ_r materialized by a vmap over rows of a vjp (norms)
 
@@ -18,6 +20,12 @@ A layer switches to materializing D_rᵀX_r when 2·T² > d_in·d_out. A paramet
 added (`GramSums`). Everything is contracted per group of rows (one probe's responses): dot products over a layer's
 feature dimension in the activations' dtype (float32 at least), every Gram sum in float64.
 Module kinds are recognized by their `forward` function, never by isinstance alone.
+
+A softmax LM head used outside its module (a fused log-prob kernel such as TRL 1.x's `fused_lm_head`)
+is attributed as a "functional head" (`FunctionalHead`, `GhostCollector.watch_head`): its per-row gradient
+is the outer factor of the hidden states H fed to it and D = g·z'(y)⊙(e_target − softmax(z)), with g the
+gradient reaching each scored token's log-prob; D is never held as a [B, T, V] tensor (`SoftmaxHead`
+recomputes the logits in vocabulary chunks wherever a Gram needs them).
 
 `GhostCollector` contracts each call's factors in a tensor hook on its output during the backward.
 `CallRecorder`, its base, is the capture mode: the same forward hooks record each call and its output
@@ -29,15 +37,15 @@ Limits: a generic module must treat rows independently (every norm does) and rep
 captured inputs; a scope parameter used outside the hooked calls (a functional use, a bypassed
 module, reentrant checkpointing) is detected by `GhostCollector.check_attribution`, not attributed;
 hooked calls' inputs are held until their cotangent arrives, so under checkpointing the collector
-keeps what checkpointing would have dropped; one forward/backward pass over one batch of rows per
-collector.
+keeps what checkpointing would have dropped; forward calls made while a backward runs (checkpointing
+recomputation) are never recorded; one forward/backward pass over one batch of rows per collector.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 from typing import Callable, Sequence
 
 import torch
@@ -51,6 +59,7 @@ from .exact import ParameterScope
 from .scoring import EncodedProbe, ScoredRows, score_rows
 
 ROWWISE_MAX_NUMEL = 1 << 16  # largest own-parameter count of a generic module materialized per row
+HEAD_CHUNK_ELEMENTS = 1 << 24  # a functional head's logits are recomputed in [tokens, chunk] blocks this size
 
 
 @dataclass
@@ -76,10 +85,110 @@ class Dense:
     g: Tensor
 
 
-Factor = Outer | Dense
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a head applies to its raw output y = W h + b before the softmax: z = scale·y/temperature,
+    or softcap·tanh(scale·y/softcap)/temperature with softcapping (TRL's fused head: the config's
+    logit scale and final_logit_softcapping, the trainer's temperature)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    def __call__(self, y: Tensor) -> tuple[Tensor, Tensor | float]:
+        """(z, dz/dy), elementwise."""
+        y = y * self.scale
+        if self.softcap is None:
+            return y / self.temperature, self.scale / self.temperature
+        t = torch.tanh(y / self.softcap)
+        return self.softcap * t / self.temperature, (1 - t * t) * (self.scale / self.temperature)
 
 
-# --- contractions: [R, R] float64 Gram between two factors over the rows of one group ---------------
+@dataclass
+class SoftmaxHead:
+    """Per-row gradient of a softmax head's weight [V, d], G_r = Σ_t D_r,t ⊗ h_r,t with
+    D_r,t = g_r,t · z'(y_r,t) ⊙ (e_{target_r,t} − softmax(z_r,t)), y = W h + b: an outer factor whose
+    [B, T, V] side is never materialized; the logits are recomputed in vocabulary chunks.
+
+    h [B, T, d] (float32 at least), targets [B, T], g [B, T] (0 where unscored), log_z [B, T] the
+    log-partition of every position; weight and bias detached."""
+
+    h: Tensor
+    targets: Tensor
+    g: Tensor
+    log_z: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    transform: LogitTransform
+
+    def block(self, h: Tensor, targets: Tensor, g: Tensor, log_z: Tensor, lo: int, hi: int) -> Tensor:
+        """D of some tokens (h [N, d], targets/g/log_z [N]) over the vocabulary columns [lo, hi): [N, hi − lo]."""
+        z, dz = self.transform(_head_logits(h, self.weight[lo:hi], None if self.bias is None else self.bias[lo:hi]))
+        onehot = targets[:, None] == torch.arange(lo, hi, device=targets.device)[None, :]
+        return g[:, None] * dz * (onehot.to(z.dtype) - torch.exp(z - log_z[:, None]))
+
+    def columns(self, ids: Tensor) -> Outer:
+        """The dense-l outer factor restricted to the vocabulary columns `ids` (sorted, unique), e.g. for
+        the cross terms of a tied head with its embedding use."""
+        ids = ids.to(self.weight.device)
+        z, dz = self.transform(_head_logits(self.h, self.weight[ids], None if self.bias is None else self.bias[ids]))
+        onehot = self.targets[..., None] == ids
+        d = self.g[..., None] * dz * (onehot.to(z.dtype) - torch.exp(z - self.log_z[..., None]))
+        return Outer(d, self.h, ids)
+
+    def tokens(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The scored tokens (g ≠ 0) of `rows`: (row position in `rows`, h, targets, g, log_z), flattened."""
+        r, t = (self.g[rows] != 0).nonzero(as_tuple=True)
+        src = rows[r]
+        return r, self.h[src, t], self.targets[src, t], self.g[src, t], self.log_z[src, t]
+
+
+Factor = Outer | Dense | SoftmaxHead
+
+
+def _head_logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """y = h Wᵀ + b in h's dtype (float32 at least), autocast off."""
+    with torch.autocast(h.device.type, enabled=False):
+        y = h @ weight.to(h.dtype).T
+        return y if bias is None else y + bias.to(h.dtype)
+
+
+def _vocab_chunks(n_tokens: int, vocab: int) -> list[tuple[int, int]]:
+    step = max(1, min(vocab, HEAD_CHUNK_ELEMENTS // max(n_tokens, 1)))
+    return [(lo, min(lo + step, vocab)) for lo in range(0, vocab, step)]
+
+
+def softmax_head_factors(hidden: Tensor, targets: Tensor, g: Tensor, weight: Tensor, bias: Tensor | None,
+                         transform: LogitTransform, attributes: Sequence[str]) -> dict[str, Factor]:
+    """{"weight": SoftmaxHead, "bias": Dense ∇b_r = Σ_t D_r,t} of a softmax head over hidden [B, T, d]
+    whose scored tokens received the log-prob gradients g [B, T] (0 elsewhere); only positions some row
+    scores are kept. The log-partition of every kept position is computed here, in vocabulary chunks."""
+    keep = (g != 0).any(0)
+    hidden, targets, g = hidden[:, keep.to(hidden.device)], targets[:, keep.to(targets.device)], g[:, keep]
+    h = _wide(hidden.detach()).to(weight.device)
+    g = g.to(device=weight.device, dtype=h.dtype)
+    targets = targets.to(weight.device).long()
+    b, t = g.shape
+    flat = h.reshape(b * t, -1)
+    log_z = torch.full((b * t,), -torch.inf, dtype=h.dtype, device=h.device)
+    for lo, hi in _vocab_chunks(b * t, weight.shape[0]):
+        z, _ = transform(_head_logits(flat, weight[lo:hi], None if bias is None else bias[lo:hi]))
+        log_z = torch.logaddexp(log_z, torch.logsumexp(z, -1))
+    head = SoftmaxHead(h, targets, g, log_z.view(b, t), weight.detach(),
+                       None if bias is None else bias.detach(), transform)
+    factors: dict[str, Factor] = {"weight": head}
+    if "bias" in attributes:
+        everything = torch.arange(b, device=h.device)
+        r, ht, yt, gt, lzt = head.tokens(everything)
+        grad = torch.zeros(b, weight.shape[0], dtype=torch.float64, device=h.device)
+        for lo, hi in _vocab_chunks(len(r), weight.shape[0]):
+            grad[:, lo:hi].index_add_(0, r, _f64(head.block(ht, yt, gt, lzt, lo, hi)))
+        factors["bias"] = Dense(grad)
+    return {a: factors[a] for a in attributes}
+
+
+# --- contractions: [G, R, R] float64 Grams between two factors over the rows of G groups -------------
+# `rows` is [G, R]: G groups of R rows each, contracted at once (batched matrix products).
 
 def _f64(t: Tensor) -> Tensor:
     return t.to(torch.float64)
@@ -92,13 +201,13 @@ def _wide(t: Tensor) -> Tensor:
 
 
 def _flat_l(o: Outer, rows: Tensor) -> Tensor:
-    """l of the group's rows over (row, token): [R·T, dim_l], or [R·T] ids."""
-    l = o.l[rows].flatten(0, 1)
+    """l of each group's rows over (row, token): [G, R·T, dim_l], or [G, R·T] ids."""
+    l = o.l[rows].flatten(1, 2)
     return l if o.ids else _wide(l)
 
 
 def _flat_m(o: Outer, rows: Tensor) -> Tensor:
-    return _wide(o.m[rows].flatten(0, 1))
+    return _wide(o.m[rows].flatten(1, 2))
 
 
 def _column_index(o: Outer, ids: Tensor) -> Tensor:
@@ -106,22 +215,27 @@ def _column_index(o: Outer, ids: Tensor) -> Tensor:
     return ids if o.columns is None else torch.searchsorted(o.columns, ids)
 
 
+def _pick_columns(l: Tensor, idx: Tensor) -> Tensor:
+    """l [G, N, dim_l] at columns idx [G, M]: [G, N, M]."""
+    return torch.gather(l, 2, idx[:, None, :].expand(-1, l.shape[1], -1))
+
+
 def _l_gram(u: Outer, v: Outer, rows: Tensor) -> Tensor:
-    """[R·T, R·S] l_u,t · l_v,s; a one-hot side picks columns of the other: l[:, id]."""
+    """[G, R·T, R·S] l_u,t · l_v,s; a one-hot side picks columns of the other: l[:, id]."""
     lu = _flat_l(u, rows)
     lv = lu if v is u else _flat_l(v, rows)
     if u.ids and v.ids:
-        return _f64(lu[:, None] == lv[None, :])
+        return _f64(lu[:, :, None] == lv[:, None, :])
     if v.ids:
-        return _f64(lu[:, _column_index(u, lv)])
+        return _f64(_pick_columns(lu, _column_index(u, lv)))
     if u.ids:
-        return _f64(lv[:, _column_index(v, lu)].T)
-    return _f64(lu @ lv.T)
+        return _f64(_pick_columns(lv, _column_index(v, lu)).mT)
+    return _f64(lu @ lv.mT)
 
 
 def _materialized(o: Outer, rows: Tensor) -> Tensor:
-    """[R, dim_l·dim_m] per-row gradients Σ_t l_t ⊗ m_t of a dense-l factor."""
-    return torch.einsum("rtl,rtm->rlm", _f64(o.l[rows]), _f64(o.m[rows])).flatten(1)
+    """[G, R, dim_l·dim_m] per-row gradients Σ_t l_t ⊗ m_t of a dense-l factor."""
+    return torch.einsum("grtl,grtm->grlm", _f64(o.l[rows]), _f64(o.m[rows])).flatten(2)
 
 
 def _materializes(u: Outer, v: Outer, forced: bool | None) -> bool:
@@ -137,32 +251,83 @@ def _outer_gram(u: Outer, v: Outer, rows: Tensor, materialize: bool | None) -> T
     """Σ_{t,s} (l_a,t·l_b,s)(m_a,t·m_b,s) per row pair, or ⟨G_a, G_b⟩ of materialized gradients."""
     if _materializes(u, v, materialize):
         a = _materialized(u, rows)
-        return a @ (a if v is u else _materialized(v, rows)).T
-    r, t, s = len(rows), u.m.shape[1], v.m.shape[1]
+        return a @ (a if v is u else _materialized(v, rows)).mT
+    (g, r), t, s = rows.shape, u.m.shape[1], v.m.shape[1]
     mu = _flat_m(u, rows)
     mv = mu if v is u else _flat_m(v, rows)
-    k = _l_gram(u, v, rows) * _f64(mu @ mv.T)
-    return k.view(r, t, r, s).sum((1, 3))
+    k = _l_gram(u, v, rows) * _f64(mu @ mv.mT)
+    return k.view(g, r, t, r, s).sum((2, 4))
 
 
 def _dense_outer_gram(d: Dense, o: Outer, rows: Tensor) -> Tensor:
     """⟨G_a, Σ_s l_b,s ⊗ m_b,s⟩; for ids Σ_s G_a[id_b,s] · m_b,s, else against materialized G_b."""
-    g = _f64(d.g[rows])
+    gd = _f64(d.g[rows])
     if not o.ids:
-        return g @ _materialized(o, rows).T
-    r, s = len(rows), o.m.shape[1]
-    picked = g.view(r, -1, o.m.shape[-1])[:, o.l[rows].flatten()]  # [R, R·S, dim_m]
-    return (picked * _flat_m(o, rows)).sum(-1).view(r, r, s).sum(-1)
+        return gd @ _materialized(o, rows).mT
+    (g, r), s = rows.shape, o.m.shape[1]
+    table = gd.view(g, r, -1, o.m.shape[-1])  # [G, R, dim_l, dim_m]
+    ids = o.l[rows].flatten(1, 2)  # [G, R·S]
+    picked = table[torch.arange(g, device=ids.device)[:, None, None],
+                   torch.arange(r, device=ids.device)[None, :, None], ids[:, None, :]]  # [G, R, R·S, dim_m]
+    return (picked * _flat_m(o, rows)[:, None]).sum(-1).view(g, r, r, s).sum(-1)
+
+
+def _head_gram(u: SoftmaxHead, rows: Tensor, materialize: bool | None) -> Tensor:
+    """⟨G_a, G_b⟩ of a softmax head over each group's scored tokens, the logits recomputed per vocabulary
+    chunk: Σ_c (D_c D_cᵀ) ⊙ (H Hᵀ) summed per row pair, or per-row D_cᵀH materialized per chunk when
+    2·T² > V·d (T the most tokens a row scores). One group at a time."""
+    return torch.stack([_head_group_gram(u, group, materialize) for group in rows])
+
+
+def _head_group_gram(u: SoftmaxHead, rows: Tensor, materialize: bool | None) -> Tensor:
+    r_count = len(rows)
+    r, h, y, g, lz = u.tokens(rows)
+    out = torch.zeros(r_count, r_count, dtype=torch.float64, device=h.device)
+    if len(r) == 0:
+        return out
+    vocab, width = u.weight.shape
+    most = int(torch.bincount(r, minlength=r_count).max())
+    chunks = _vocab_chunks(len(r), vocab)
+    if materialize if materialize is not None else 2 * most * most > vocab * width:
+        own = [(r == i).nonzero(as_tuple=True)[0] for i in range(r_count)]
+        for lo, hi in chunks:
+            d = u.block(h, y, g, lz, lo, hi)
+            a = torch.stack([_f64(d[i].T @ h[i]).flatten() for i in own])
+            out += a @ a.T
+        return out
+    k = torch.zeros(len(r), len(r), dtype=torch.float64, device=h.device)
+    for lo, hi in chunks:
+        d = u.block(h, y, g, lz, lo, hi)
+        k += _f64(d @ d.T)
+    k *= _f64(h @ h.T)
+    sel = torch.nn.functional.one_hot(r, r_count).to(torch.float64)
+    return sel.T @ k @ sel
+
+
+def _head_pair_gram(u: Factor, v: Factor, rows: Tensor, materialize: bool | None) -> Tensor:
+    """Terms involving a softmax head: its own Gram, or the cross terms with an embedding use of a tied
+    weight (the head restricted to the columns the embedding's ids hit)."""
+    if u is v:
+        return _head_gram(u, rows, materialize)
+    if not isinstance(u, SoftmaxHead):
+        return _head_pair_gram(v, u, rows, materialize).mT
+    if isinstance(v, Outer) and v.ids:
+        return _outer_gram(u.columns(v.l[rows].unique()), v, rows, False)
+    raise MarginscopeError("a functional softmax head's weight is used by another call that is not a token "
+                           "embedding; the ghost engine cannot add the cross terms; use engine='exact'")
 
 
 def pair_gram(u: Factor, v: Factor, rows: Tensor, materialize: bool | None = None) -> Tensor:
-    """[R, R] float64 ⟨G^u_a, G^v_b⟩ for a, b in `rows` (two uses of one parameter, or u is v)."""
+    """[G, R, R] float64 ⟨G^u_a, G^v_b⟩ for a, b in each group of `rows` [G, R] (two uses of one
+    parameter, or u is v)."""
+    if isinstance(u, SoftmaxHead) or isinstance(v, SoftmaxHead):
+        return _head_pair_gram(u, v, rows, materialize)
     if isinstance(u, Dense) and isinstance(v, Dense):
-        return _f64(u.g[rows]) @ _f64(v.g[rows]).T
+        return _f64(u.g[rows]) @ _f64(v.g[rows]).mT
     if isinstance(u, Dense):
         return _dense_outer_gram(u, v, rows)
     if isinstance(v, Dense):
-        return _dense_outer_gram(v, u, rows).T
+        return _dense_outer_gram(v, u, rows).mT
     return _outer_gram(u, v, rows, materialize)
 
 
@@ -313,15 +478,33 @@ class GramSums:
 
     so a parameter used by several calls (∇θ_r = Σ_u ∇θ_r^u) gets the cross terms of its uses. All of
     a parameter's uses are announced by `expect` before the first of their factors is added; a use's
-    factor is kept for the cross terms only while other uses of its parameter are pending (`_compact`)."""
+    factor is kept for the cross terms only while other uses of its parameter are pending (`_compact`).
+    Groups of equal size are contracted together (batched), in blocks of at most `BATCH_ELEMENTS`
+    entries of their [R·T, R·S] token Grams."""
+
+    BATCH_ELEMENTS = 1 << 25
 
     def __init__(self, groups: Sequence[Sequence[int]], device: torch.device,
                  materialize: bool | None = None) -> None:
         self.groups, self.materialize = [list(g) for g in groups], materialize
-        self.sums = [torch.zeros(len(g), len(g), dtype=torch.float64, device=device) for g in self.groups]
+        by_size: dict[int, list[int]] = defaultdict(list)
+        for i, g in enumerate(self.groups):
+            by_size[len(g)].append(i)
+        self._batches = list(by_size.values())  # group indices, one list per group size
+        self._acc = [torch.zeros(len(idx), len(self.groups[idx[0]]), len(self.groups[idx[0]]),
+                                 dtype=torch.float64, device=device) for idx in self._batches]
         self._rows: dict[torch.device, list[Tensor]] = {}
         self._pending: dict[int, list[Call]] = defaultdict(list)
         self._stored: dict[int, list[Factor]] = defaultdict(list)
+
+    @property
+    def sums(self) -> list[Tensor]:
+        """One [R, R] float64 Gram sum per group, in the order of `groups`."""
+        out: list[Tensor | None] = [None] * len(self.groups)
+        for idx, acc in zip(self._batches, self._acc):
+            for j, i in enumerate(idx):
+                out[i] = acc[j]
+        return out
 
     def expect(self, call: Call) -> None:
         """Announce a call whose factors will come (its parameters' uses are pending until then)."""
@@ -332,12 +515,16 @@ class GramSums:
         """Add the terms of use `call` of parameter p, whose factor is u."""
         pending, stored = self._pending[id(p)], self._stored[id(p)]
         pending.remove(call)
-        for acc, rows in zip(self.sums, self._group_rows(u)):
-            k = pair_gram(u, u, rows, self.materialize)
-            for v in stored:
-                c = pair_gram(u, v, rows, self.materialize)
-                k += c + c.T
-            acc += k.to(acc.device)
+        tokens = max([_tokens(u)] + [_tokens(v) for v in stored])
+        for acc, rows in zip(self._acc, self._group_rows(u)):
+            step = max(1, self.BATCH_ELEMENTS // max(1, (rows.shape[1] * tokens) ** 2))
+            for lo in range(0, len(rows), step):
+                block = rows[lo:lo + step]
+                k = pair_gram(u, u, block, self.materialize)
+                for v in stored:
+                    c = pair_gram(u, v, block, self.materialize)
+                    k = k + c + c.mT
+                acc[lo:lo + step] += k.to(acc.device)
         if pending:
             stored.append(_compact(u, pending))
         else:
@@ -349,19 +536,27 @@ class GramSums:
         self._stored.clear()
 
     def _group_rows(self, u: Factor) -> list[Tensor]:
-        device = (u.g if isinstance(u, Dense) else u.m).device
+        """[G, R] row indices of each batch of equal-size groups, on u's device."""
+        device = (u.g if isinstance(u, Dense) else u.h if isinstance(u, SoftmaxHead) else u.m).device
         if device not in self._rows:
-            self._rows[device] = [torch.tensor(g, dtype=torch.long, device=device) for g in self.groups]
+            self._rows[device] = [torch.tensor([self.groups[i] for i in idx], dtype=torch.long, device=device)
+                                  .view(len(idx), -1) for idx in self._batches]
         return self._rows[device]
+
+
+def _tokens(u: Factor) -> int:
+    """Positions per row of a factor (1 for a materialized one)."""
+    return 1 if isinstance(u, Dense) else u.h.shape[1] if isinstance(u, SoftmaxHead) else u.m.shape[1]
 
 
 def _compact(u: Factor, pending: list[Call]) -> Factor:
     """A dense-l factor that only embedding uses still wait for keeps just the columns their ids hit
-    (e.g. a tied lm_head's D: [B, T, vocab] → [B, T, #distinct ids])."""
-    if not isinstance(u, Outer) or u.ids or any(c.kind is not EMBEDDING for c in pending):
+    (e.g. a tied lm_head's D: [B, T, vocab] → [B, T, #distinct ids]; a softmax head computes only those)."""
+    if isinstance(u, Dense) or (isinstance(u, Outer) and u.ids) or any(c.kind is not EMBEDDING for c in pending):
         return u
-    ids = torch.cat([_first_input(c).flatten() for c in pending]).unique().to(u.l.device)
-    return Outer(u.l[..., ids], u.m, ids)
+    device = u.h.device if isinstance(u, SoftmaxHead) else u.l.device
+    ids = torch.cat([_first_input(c).flatten() for c in pending]).unique().to(device)
+    return u.columns(ids) if isinstance(u, SoftmaxHead) else Outer(u.l[..., ids], u.m, ids)
 
 
 # --- recording calls ---------------------------------------------------------------------------------
@@ -369,6 +564,32 @@ def _compact(u: Factor, pending: list[Call]) -> Factor:
 def sequence_mark() -> int:
     """Sequence number of a fresh autograd node (grad mode on); later nodes on this thread get larger."""
     return torch.zeros((), requires_grad=True).view(()).grad_fn._sequence_nr()
+
+
+def in_backward() -> bool:
+    """Whether this thread is running an autograd backward (e.g. a checkpointing recomputation)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
+def _observing(hook: Callable) -> Callable:
+    """A hook of a recorder that only observes: once the recorder has failed it does nothing; with an
+    `on_error` handler, an exception is handed to it (the recorder fails) instead of reaching the
+    forward or backward that ran the hook."""
+
+    @wraps(hook)
+    def guarded(self: CallRecorder, *args, **kwargs) -> None:
+        if self.failed:
+            return None
+        try:
+            hook(self, *args, **kwargs)
+        except Exception as err:
+            if self.on_error is None:
+                raise
+            self.fail(err)
+        return None
+
+    return guarded
 
 
 def _detached(tree):
@@ -425,10 +646,17 @@ class CallRecorder:
     recorder is open, in forward order (`calls`): capture mode, which touches no tensor, for
     differentiating to the calls' outputs directly with `autograd.grad` (batched or not; tensor hooks
     do not fire under `is_grads_batched`). Every recorded call must see the same batch of rows, holding
-    row `top_row`. Hooks are removed on exit, also on error; the records stay."""
+    row `top_row`. Calls made while a backward runs (checkpointing recomputation) are not recorded.
+    Hooks are removed on exit, also on error; the records stay.
 
-    def __init__(self, model: nn.Module, scope: ParameterScope, plan: Plan, *, top_row: int = -1) -> None:
+    on_error: None (a hook's exception propagates into the forward or backward that ran it), or a
+    handler that receives it instead; the recorder is then `failed` and its hooks do nothing more."""
+
+    def __init__(self, model: nn.Module, scope: ParameterScope, plan: Plan, *, top_row: int = -1,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
         self.model, self.scope, self.plan = model, scope, plan
+        self.on_error = on_error
+        self.failed = False
         self.calls: list[Recorded] = []
         self._top_row = top_row
         self._names = {id(p): n for n, p in zip(scope.names, scope.params)}
@@ -456,6 +684,18 @@ class CallRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def fail(self, err: BaseException) -> None:
+        """Stop observing and hand `err` to `on_error` (once)."""
+        if self.failed:
+            return
+        self.failed, self._recording = True, False
+        if self.on_error is not None:
+            self.on_error(err)
+
+    def stop_recording(self) -> None:
+        """The backward has started: forward calls from now on are recomputations, not new uses."""
+        self._recording = False
 
     def outputs(self, records: Sequence[Recorded]) -> list[Tensor]:
         """The records' output tensors; raises if one was modified in place after its call (autograd
@@ -486,13 +726,18 @@ class CallRecorder:
                     f"directly in a functional op, by {node.name()}); use engine='exact'")
         return self._sources + leaves
 
+    def _recordable(self) -> bool:
+        return self._recording and torch.is_grad_enabled() and not in_backward()
+
+    @_observing
     def _pre(self, module: nn.Module, args: tuple) -> None:
-        if self._recording and torch.is_grad_enabled():
+        if self._recordable():
             self._starts[module] = sequence_mark() + 1
 
+    @_observing
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, out, *, kind: Kind,
               params: list[tuple[str, nn.Parameter]]) -> None:
-        if not self._recording or not torch.is_grad_enabled():
+        if not self._recordable():
             return
         if not isinstance(out, Tensor):
             raise MarginscopeError(
@@ -500,17 +745,26 @@ class CallRecorder:
                 "not one tensor; the ghost engine cannot attribute its parameters; use engine='exact'")
         if not out.requires_grad:
             return
-        self._check_batch(out.shape[0], module)
+        broadcast = self._broadcast(out, kind)
+        if not broadcast:
+            self._check_batch(out.shape[0], module)
         call = Call(module, kind, params, _detached(args), _detached(kwargs))
         span = (self._starts.pop(module), sequence_mark())
         for _, p in params:
             self._spans[id(p)].append(span)
         if not any(isinstance(t, Tensor) and t.requires_grad for t in tree_leaves((args, kwargs))):
             self._sources.append(out)
-        self._record(call, out, span)
+        (self._record_broadcast if broadcast else self._record)(call, out, span)
 
     def _record(self, call: Call, out: Tensor, span: tuple[int, int]) -> None:
         self.calls.append(Recorded(call, out, out._version, span))
+
+    def _broadcast(self, out: Tensor, kind: Kind) -> bool:
+        """Whether a call is made on one row for the whole batch (see `GhostCollector`); never here."""
+        return False
+
+    def _record_broadcast(self, call: Call, out: Tensor, span: tuple[int, int]) -> None:
+        raise NotImplementedError
 
     def _check_batch(self, batch: int, module: nn.Module) -> None:
         self._batch = batch if self._batch is None else self._batch
@@ -521,6 +775,26 @@ class CallRecorder:
 
 
 # --- the collector -----------------------------------------------------------------------------------
+
+SOFTMAX_HEAD = Kind("softmax head", lambda m: False, lambda m: ("weight", "bias"),
+                    lambda call, grad: {})  # functional uses only (`watch_head`), never planned
+
+
+@dataclass(eq=False)
+class FunctionalHead:
+    """A use of a softmax LM head's weight (and bias) outside its module, e.g. TRL 1.x's fused log-prob
+    kernel: token_logps[b, t] = log softmax(transform(W·hidden[b, t] + bias))[targets[b, t]] at the
+    scored positions, computed by autograd nodes created from sequence number `start` (`sequence_mark()
+    + 1` taken when `hidden` was produced) until `GhostCollector.watch_head` is called.
+
+    module: the head module whose `weight` / `bias` are used; hidden [B, T, d] aligned with the token
+    log-probs (position t feeds token t); targets [B, T] token ids (any value where unscored)."""
+
+    module: nn.Module
+    hidden: Tensor
+    targets: Tensor
+    start: int
+    transform: LogitTransform = LogitTransform()
 
 class GhostCollector(CallRecorder):
     """Float64 Grams of per-row ∇ log π over a scope, from the forward and backward run inside it.
@@ -535,15 +809,23 @@ class GhostCollector(CallRecorder):
     gradient-checkpointing recomputations (or this collector's replays) and are ignored; each call's
     contribution is computed by a tensor hook on that call's own output, which only observes.
     Hooks are removed on exit, also on error.
+
+    An embedding called on one row for the whole batch (GPT-2's position embedding when the caller
+    passes no position_ids: ids [1, T], the output broadcast-added to the token embeddings) has no
+    per-row cotangent of its own; `check_attribution` finds the addition that consumes it and reads
+    each row's cotangent there (a node pre-hook, which only observes), and refuses any other consumer.
     """
 
     def __init__(self, model: nn.Module, scope: ParameterScope, groups: Sequence[Sequence[int]],
-                 row_scale: Tensor | None = None, *, materialize: bool | None = None) -> None:
+                 row_scale: Tensor | None = None, *, materialize: bool | None = None,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
         groups = [list(g) for g in groups]
-        super().__init__(model, scope, {}, top_row=max((r for g in groups for r in g), default=-1))
+        super().__init__(model, scope, {}, top_row=max((r for g in groups for r in g), default=-1),
+                         on_error=on_error)
         self.groups, self.row_scale = groups, row_scale
         self._sums = GramSums(groups, scope.params[0].device, materialize)
         self._active = False
+        self._broadcasts: list[tuple[Call, Tensor]] = []
 
     def __enter__(self) -> GhostCollector:
         self.plan = attributable_plan(self.model, self.scope)
@@ -557,8 +839,11 @@ class GhostCollector(CallRecorder):
 
     @property
     def grams(self) -> list[Tensor]:
-        """One [R, R] float64 CPU Gram per group (scale divided out when `row_scale` was given)."""
+        """One [R, R] float64 CPU Gram per group (scale divided out when `row_scale` was given; NaN
+        everywhere once the collector has failed)."""
         grams = [acc.cpu() for acc in self._sums.sums]
+        if self.failed:
+            return [torch.full_like(k, torch.nan) for k in grams]
         if self.row_scale is None:
             return grams
         scale = _f64(self.row_scale.detach()).cpu()
@@ -569,6 +854,65 @@ class GhostCollector(CallRecorder):
         self._sums.expect(call)
         self._handles.append(out.register_hook(partial(self._fire, call)))
 
+    def _broadcast(self, out: Tensor, kind: Kind) -> bool:
+        return kind is EMBEDDING and out.dim() >= 2 and out.shape[0] == 1 and self._top_row >= 1
+
+    def _record_broadcast(self, call: Call, out: Tensor, span: tuple[int, int]) -> None:
+        self._sums.expect(call)
+        self._broadcasts.append((call, out))
+
+    def check_attribution(self, root: Tensor) -> list[Tensor]:
+        inputs = super().check_attribution(root)
+        self._resolve_broadcasts(root)
+        return inputs
+
+    def _resolve_broadcasts(self, root: Tensor) -> None:
+        """Hook the addition that consumes each one-row embedding output (see the class doc)."""
+        if not self._broadcasts:
+            return
+        wanted = {out.grad_fn: call for call, out in self._broadcasts}
+        consumers: dict[object, list] = defaultdict(list)
+        stack, seen = [root.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for child, _ in node.next_functions:
+                if child in wanted:
+                    consumers[child].append(node)
+                stack.append(child)
+        for fn, call in wanted.items():
+            users = consumers.get(fn, [])
+            if (len(users) != 1 or type(users[0]).__name__ != "AddBackward0"
+                    or getattr(users[0], "_saved_alpha", 1) != 1):
+                raise MarginscopeError(
+                    f"{type(call.module).__name__} is called on one row for the whole batch and its output is "
+                    f"consumed by {[u.name() for u in users]}, not by one addition to a batch-sized tensor; "
+                    "its per-row gradient is unknown (pass [B, T] position_ids)")
+            self._handles.append(users[0].register_prehook(partial(self._fire_broadcast, call)))
+        self._broadcasts.clear()
+
+    @_observing
+    def _fire_broadcast(self, call: Call, grad_outputs: tuple) -> None:
+        """Node pre-hook on the addition that broadcasts a one-row embedding output: the cotangent of the
+        sum is each row's cotangent of the embedding output."""
+        if not self._active or grad_outputs[0] is None:
+            return
+        self._recording = False
+        grad = grad_outputs[0]
+        ids = _first_input(call)
+        self._check_batch(grad.shape[0], call.module)
+        if grad.shape[1:-1] != ids.shape[1:]:
+            raise MarginscopeError(f"{type(call.module).__name__}: broadcast output of shape {list(grad.shape)} "
+                                   f"does not match its ids {list(ids.shape)}")
+        call.args, call.kwargs = (ids.expand(grad.shape[0], *ids.shape[1:]),), {}
+        factors = call.kind.factors(call, grad)
+        call.args = call.kwargs = None
+        for attr, p in call.params:
+            self._add(p, factors[attr], call)
+
+    @_observing
     def _fire(self, call: Call, grad: Tensor) -> None:
         """Tensor hook on a call's output: the call's factors, then their Gram terms (observes only)."""
         if not self._active:
@@ -576,6 +920,50 @@ class GhostCollector(CallRecorder):
         self._recording = False
         factors = call.kind.factors(call, grad)
         call.args = call.kwargs = None
+        for attr, p in call.params:
+            self._add(p, factors[attr], call)
+
+    def watch_head(self, head: FunctionalHead, token_logps: Tensor, mask: Tensor) -> bool:
+        """Attribute a functional use of `head.module`'s scope parameters (see `FunctionalHead`): register
+        its autograd span [head.start, now) so `check_attribution` accepts it, announce the use (tied
+        embeddings get their cross terms) and, when the gradient of token_logps [B, T] arrives, add the
+        head's terms from g = that gradient at the scored positions (`mask` [B, T]). Call during the
+        forward, after token_logps is computed; returns False when the head holds no scope parameter."""
+        names = {id(p) for p in self.scope.params}
+        params = [(a, p) for a in ("weight", "bias")
+                  if isinstance(p := getattr(head.module, a, None), nn.Parameter) and id(p) in names]
+        if not params:
+            return False
+        weight = getattr(head.module, "weight", None)
+        b, t = token_logps.shape
+        if (not isinstance(weight, Tensor) or weight.dim() != 2 or head.hidden.shape[:2] != (b, t)
+                or head.hidden.shape[-1] != weight.shape[1] or head.targets.shape != (b, t) or mask.shape != (b, t)):
+            raise MarginscopeError(
+                f"functional head: hidden {list(head.hidden.shape)}, targets {list(head.targets.shape)} and mask "
+                f"{list(mask.shape)} must match the token log-probs {list(token_logps.shape)} and the weight "
+                f"{list(getattr(weight, 'shape', []))}")
+        self._check_batch(b, head.module)
+        span = (head.start, sequence_mark())
+        for _, p in params:
+            self._spans[id(p)].append(span)
+        call = Call(head.module, SOFTMAX_HEAD, params, None, None)
+        self._sums.expect(call)
+        fire = partial(self._fire_head, call, head.hidden.detach(), head.targets.detach(), mask.detach(),
+                       head.transform)
+        self._handles.append(token_logps.register_hook(fire))
+        return True
+
+    @_observing
+    def _fire_head(self, call: Call, hidden: Tensor, targets: Tensor, mask: Tensor, transform: LogitTransform,
+                   grad: Tensor) -> None:
+        """Tensor hook on the token log-probs: the head's factors from their gradient, then their terms."""
+        if not self._active:
+            return
+        self._recording = False
+        module = call.module
+        g = grad.detach().masked_fill(~mask.bool(), 0)
+        factors = softmax_head_factors(hidden, targets.clamp(min=0), g, module.weight, getattr(module, "bias", None),
+                                       transform, [a for a, _ in call.params])
         for attr, p in call.params:
             self._add(p, factors[attr], call)
 

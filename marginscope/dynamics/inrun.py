@@ -14,12 +14,19 @@ from the same signs as `classify`.
         loss = loss_fn(logps[:P], logps[P:], ...).mean()
         loss.backward()
     geo.result().cosine, geo.result().case
+
+Trainers that score per token (TRL 1.x's fused LM head returns [B, T] token log-probs) use
+`watch_tokens(token_logps, mask)` instead: s_i is the gradient reaching row i's scored tokens, the same
+for every token of a row when the loss sees Σ_t log π(y_t) (a row whose tokens get different gradients,
+e.g. TRL's `ld_alpha` down-weighting, is not a scaled a_i and is NaN). A head used outside its module
+(the fused kernel) is declared with `head=FunctionalHead(...)` (ghost.py); `marginscope.integrations.
+trl_inrun` wires all of this into `trl.DPOTrainer`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,13 +34,15 @@ from torch import Tensor, nn
 
 from .coefficients import classify
 from .exact import ParamSpec, select_parameters
-from .ghost import GhostCollector
+from .ghost import FunctionalHead, GhostCollector, sequence_mark
 from .scoring import EncodedProbe, ScoredRows, score_rows
 
 
 @dataclass(frozen=True)
 class InRunPairs:
-    """Per pair of one training step (float64 [P]; case int8 [P], 0 where undetermined)."""
+    """Per pair of one training step (float64 [P]; case int8 [P], 0 where undetermined). A row whose
+    scale is unusable (exactly 0, or unequal gradients across its tokens) is NaN in its scale and in
+    every entry it enters; the other row's squared norm stays."""
 
     inner: np.ndarray  # ⟨a_w, a_l⟩
     sq_w: np.ndarray  # ‖a_w‖²
@@ -72,46 +81,121 @@ class InRunGeometry:
 
     Only observes: the hooks never change a gradient, nothing is written to `.grad`, no random
     numbers are drawn, and the hooks are removed on exit.
+
+    on_error: None (errors raise, also from inside the forward or backward), or a handler that receives
+    an error raised by a hook instead; the geometry is then `failed`, observes nothing more and its
+    result is NaN (for trainers that must never be interrupted). materialize: as in `GhostCollector`.
     """
 
     def __init__(self, model: nn.Module, *, n_pairs: int | None = None,
-                 pairs: Sequence[tuple[int, int]] | None = None, params: ParamSpec = "trainable") -> None:
+                 pairs: Sequence[tuple[int, int]] | None = None, params: ParamSpec = "trainable",
+                 on_error: Callable[[BaseException], None] | None = None,
+                 materialize: bool | None = None) -> None:
         if (n_pairs is None) == (pairs is None):
             raise ValueError("give exactly one of n_pairs (TRL layout) or pairs")
         self.pairs = list(pairs) if pairs is not None else trl_pairs(n_pairs)
-        scope = select_parameters(model, params)
-        self._collector = GhostCollector(model, scope, [list(p) for p in self.pairs])
+        self.scope = select_parameters(model, params)
+        self._collector = GhostCollector(model, self.scope, [list(p) for p in self.pairs], on_error=on_error,
+                                         materialize=materialize)
         self._scale: Tensor | None = None
+        self._logps: Tensor | None = None
+        self._mask: Tensor | None = None
+        self._handles: list = []
 
     def __enter__(self) -> InRunGeometry:
         self._collector.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
         self._collector.__exit__(*exc)
+
+    @property
+    def failed(self) -> bool:
+        """Whether a hook failed (only with `on_error`; the result is then NaN)."""
+        return self._collector.failed
+
+    def fail(self, err: BaseException) -> None:
+        """Stop observing (the result becomes NaN) and hand `err` to `on_error`; for code that watches the
+        step from outside (e.g. a trainer integration's own hooks)."""
+        self._collector.fail(err)
+
+    @property
+    def logps(self) -> np.ndarray | None:
+        """The watched per-row sequence log-probs [B] (float64; Σ of the scored token log-probs with
+        `watch_tokens`), or None before `watch` / `watch_tokens`."""
+        return None if self._logps is None else self._logps.cpu().numpy()
+
+    @staticmethod
+    def head_start() -> int:
+        """The `FunctionalHead.start` mark: call when the hidden states fed to the head are produced."""
+        return sequence_mark() + 1
 
     def watch(self, logps: Tensor) -> Tensor:
         """Register the step's per-row sequence log-probs [B]; their gradient is each row's scale s_i."""
         if logps.dim() != 1:
             raise ValueError(f"watch() expects the [B] per-row sequence log-probs, got shape {list(logps.shape)}")
         self._collector.check_attribution(logps)
-        logps.register_hook(self._read_scale)
+        self._logps = logps.detach().to(torch.float64)
+        self._handles.append(logps.register_hook(self._read_scale))
         return logps
 
+    def watch_tokens(self, token_logps: Tensor, mask: Tensor, *, head: FunctionalHead | None = None) -> Tensor:
+        """Register the step's per-token log-probs [B, T] and the scored positions `mask` [B, T]: row i's
+        sequence log-prob is Σ_t over its scored tokens, and the gradient reaching them is s_i (NaN for
+        a row whose scored tokens get different gradients, 0 → NaN for a row with none). `head`: the LM
+        head's use when it computes token_logps outside its module (see `FunctionalHead`); only needed
+        when the head holds parameters of the scope."""
+        if token_logps.dim() != 2 or mask.shape != token_logps.shape:
+            raise ValueError(f"watch_tokens() expects [B, T] token log-probs and a mask of the same shape, got "
+                             f"{list(token_logps.shape)} and {list(mask.shape)}")
+        mask = mask.detach().bool()
+        if head is not None:
+            self._collector.watch_head(head, token_logps, mask)
+        self._collector.check_attribution(token_logps)
+        self._mask = mask
+        self._logps = (token_logps.detach().to(torch.float64) * mask).sum(1)
+        self._handles.append(token_logps.register_hook(self._read_token_scale))
+        return token_logps
+
     def _read_scale(self, grad: Tensor) -> None:
+        self._collector.stop_recording()
         self._scale = grad.detach().clone()
         self._collector.row_scale = self._scale
 
+    def _read_token_scale(self, grad: Tensor) -> None:
+        if self._collector.failed:
+            return
+        try:
+            self._token_scale(grad)
+        except Exception as err:
+            if self._collector.on_error is None:
+                raise
+            self._collector.fail(err)
+
+    def _token_scale(self, grad: Tensor) -> None:
+        self._collector.stop_recording()
+        g, mask = grad.detach().to(torch.float64), self._mask.to(grad.device)
+        first = g.gather(1, mask.to(torch.int8).argmax(1, keepdim=True))  # a scored token's gradient
+        uniform = (torch.isclose(g, first, rtol=1e-6, atol=0) | ~mask).all(1)
+        scale = torch.where(mask.any(1), first.squeeze(1), 0.0)
+        self._scale = torch.where(uniform, scale, torch.nan)
+        self._collector.row_scale = self._scale
+
     def result(self) -> InRunPairs:
-        """The pairs' geometry after the backward (NaN everywhere if no backward reached the log-probs)."""
+        """The pairs' geometry after the backward (NaN everywhere if no backward reached the log-probs
+        or the geometry failed)."""
         n = len(self.pairs)
-        if self._scale is None:
+        if self._scale is None or self.failed:
             nan = np.full(n, np.nan)
             return InRunPairs(nan, nan, nan, nan, nan, np.zeros(n, dtype=np.int8))
         grams = torch.stack(self._collector.grams).numpy()
         scale = self._scale.to(torch.float64).cpu().numpy()
         s_w = np.array([scale[w] for w, _ in self.pairs])
         s_l = np.array([scale[l] for _, l in self.pairs])
-        gram = np.where(np.isnan(grams).any(axis=(1, 2))[:, None, None], np.nan, grams)
-        return InRunPairs(gram[:, 0, 1], gram[:, 0, 0], gram[:, 1, 1], s_w, s_l,
-                          classify(gram, -s_w, s_l))
+        # a row without a usable scale (0, or unequal token gradients) is NaN in every entry it enters;
+        # the other row's squared norm stays
+        return InRunPairs(grams[:, 0, 1], grams[:, 0, 0], grams[:, 1, 1], s_w, s_l,
+                          classify(grams, -s_w, s_l))
