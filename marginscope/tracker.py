@@ -69,10 +69,16 @@ class _Guard:
         try:
             return True, fn()
         except Exception as err:  # noqa: BLE001 — the policy: never let a measurement stop training
-            self.disabled[name] = f"{type(err).__name__}: {err}"
-            log.error("marginscope: %s measurement failed and is disabled for the rest of the run: %s",
-                      name, self.disabled[name], exc_info=True)
+            self.fail(name, err)
             return False, None
+
+    def fail(self, name: str, err: BaseException) -> None:
+        """Disable `name` after `err` (logged with its traceback the first time only)."""
+        if name in self.disabled:
+            return
+        self.disabled[name] = f"{type(err).__name__}: {err}"
+        log.error("marginscope: %s measurement failed and is disabled for the rest of the run: %s",
+                  name, self.disabled[name], exc_info=err)
 
 
 @contextlib.contextmanager
@@ -403,7 +409,8 @@ class InRunStep:
         self._logps: Tensor | None = None
         if tracker.guard.active("in_run"):
             ok, geo = tracker.guard.run("in_run", lambda: InRunGeometry(
-                tracker.model, n_pairs=n_pairs, pairs=pairs, params=tracker.options["params"]))
+                tracker.model, n_pairs=n_pairs, pairs=pairs, params=tracker.options["params"],
+                on_error=lambda err: tracker.guard.fail("in_run", err)))
             self._geo = geo if ok else None
 
     def __enter__(self) -> InRunStep:
@@ -428,7 +435,7 @@ class InRunStep:
             return
         geo = self._geo
         self._close_geometry()
-        if exc_type is not None or self._logps is None:
+        if exc_type is not None or self._logps is None or geo.failed:
             return
         ok, result = self.tracker.guard.run("in_run", geo.result)
         if ok:

@@ -138,3 +138,23 @@ def test_dpo_trainer_resumed_from_a_checkpoint_continues_the_trace(make_model, t
         np.testing.assert_array_equal(tr.logp[:2], before[:2])
         np.testing.assert_allclose(tr.logp[3:], before[2:], rtol=1e-5)  # the same training, replayed
         assert tr.metadata["start_step"] == 0
+
+
+def test_inrun_dpo_trainer_writes_every_training_pair_into_the_trace(make_model, tokenizer, probes, tmp_path):
+    model = make_model("llama", dtype=torch.float32)
+    rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in probes] * 4
+    args = trl.DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=4,
+                         learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                         seed=0, disable_tqdm=True)
+    trainer = ms.integrations.InRunDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                                              train_dataset=datasets.Dataset.from_list(rows),
+                                              processing_class=tokenizer)
+    ms.integrations.attach(trainer, ms.integrations.TRLCallback(probes=probes, path=tmp_path / "run.h5", every=2))
+    trainer.train()
+    with ms.trace.open(tmp_path / "run.h5") as tr:
+        inrun = tr.inrun()
+        np.testing.assert_array_equal(inrun["step"], [1, 1, 2, 2, 3, 3, 4, 4])
+        np.testing.assert_array_equal(inrun["pair"], [0, 1] * 4)
+        assert np.isfinite(inrun["inner"]).all() and (inrun["sq_w"] > 0).all()
+        assert np.isfinite(inrun["logp_w"]).all() and set(inrun["case"].tolist()) <= {1, 2, 3, 4}
+    assert any("marginscope/inrun_cosine_mean" in h for h in trainer.state.log_history)

@@ -165,6 +165,26 @@ def test_failing_inrun_geometry_leaves_training_alone(make_model, tokenizer, pro
         assert torch.equal(value, got[name]), name
 
 
+def test_inrun_hook_failing_inside_the_backward_is_contained(make_model, tokenizer, probes, tmp_path, monkeypatch,
+                                                              caplog):
+    expected = _train(make_model("gpt2", dropout=0.1), tokenizer, probes, 2)[2]
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("contraction exploded")
+
+    monkeypatch.setattr("marginscope.dynamics.ghost.GramSums.add", broken)
+    model = make_model("gpt2", dropout=0.1)
+    with caplog.at_level(logging.ERROR, logger="marginscope"):
+        with ms.Tracker(model, tokenizer, probes, tmp_path / "run.h5", loss="dpo", every=1) as tracker:
+            got = _train(model, tokenizer, probes, 2, tracker)[2]
+    assert "contraction exploded" in tracker.guard.disabled["in_run"]
+    assert sum("in_run measurement failed" in r.getMessage() for r in caplog.records) == 1
+    for name, value in expected.items():
+        assert torch.equal(value, got[name]), name
+    with ms.trace.open(tmp_path / "run.h5") as tr:
+        assert len(tr.inrun()["step"]) == 0
+
+
 def test_training_errors_inside_in_run_propagate(make_model, tokenizer, probes, tmp_path):
     model = make_model("gpt2")
     with ms.Tracker(model, tokenizer, probes, tmp_path / "run.h5", loss="dpo") as tracker:

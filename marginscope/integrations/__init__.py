@@ -1,13 +1,14 @@
 """Thin adapters between the tracker and training frameworks (imported on first use).
 
 TrackerCallback and attach (HF Trainer), TRLCallback (trl.DPOTrainer), InRunMixin / InRunDPOTrainer
-(in-run pair geometry inside DPOTrainer's own step; needs trl), `distributed` helpers.
+and InRunRecorder (in-run pair geometry inside
+DPOTrainer's own step; needs trl), `distributed` helpers.
 """
 
 from importlib import import_module
 
 _WHERE = {"TrackerCallback": "hf", "attach": "hf", "TRLCallback": "trl",
-          "InRunMixin": "trl_inrun", "InRunDPOTrainer": "trl_inrun"}
+          "InRunMixin": "trl_inrun", "InRunDPOTrainer": "trl_inrun", "InRunRecorder": "trl_inrun"}
 
 
 def __getattr__(name: str):
@@ -16,4 +17,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["InRunDPOTrainer", "InRunMixin", "TRLCallback", "TrackerCallback", "attach"]
+__all__ = ["InRunDPOTrainer", "InRunMixin", "InRunRecorder", "TRLCallback", "TrackerCallback", "attach"]
