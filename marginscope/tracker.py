@@ -42,6 +42,7 @@ from .checkpoint import versions
 from .dynamics.inrun import InRunGeometry, InRunPairs
 from .dynamics.measure import check_options, measure, pair_dynamics_of
 from .dynamics.scoring import EncodedProbe, encode, model_max_length, score_rows, sequence_logp, top_tokens
+from .dynamics.summary import inrun_summary, record_summary
 from .errors import MarginscopeError
 from .integrations.distributed import broadcast_from_main, gather_to_main, my_chunks, unwrap_model, world
 from .loading import config_hash
@@ -344,24 +345,13 @@ class Tracker:
                                               token_gram_shapes=shapes, overwrite=True)
         self._writer.append(record)
         self._last_logp = logp
-        self.summary = self._summarize(record)
+        self.summary = {f"marginscope/{k}": v for k, v in
+                        record_summary(self.names, record.logp, record.gram, record.case).items()}
         if not np.isfinite(record.logp).all() or not np.isfinite(record.gram).all():
             if not self._warned_nonfinite:
                 log.warning("marginscope: step %d has non-finite log-probs or Gram entries (recorded and "
                             "flagged in records/nonfinite)", step)
                 self._warned_nonfinite = True
-
-    def _summarize(self, record: Record) -> dict[str, float]:
-        """Scalars for the trainer's logs: mean cosine, Case fractions, mean log-probs per response."""
-        w, l = self.names.index("chosen"), self.names.index("rejected")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cosine = record.gram[:, w, l] / np.sqrt(record.gram[:, w, w] * record.gram[:, l, l])
-        out = {"marginscope/cosine_mean": _finite_mean(cosine)}
-        for case in (1, 2, 3, 4):
-            out[f"marginscope/case{case}_frac"] = float(np.mean(record.case == case))
-        for j, name in enumerate(self.names):
-            out[f"marginscope/logp_{name}_mean"] = _finite_mean(record.logp[:, j])
-        return out
 
     # --- in-run rows -------------------------------------------------------------------------------------
 
@@ -386,17 +376,8 @@ class Tracker:
                 counts[step] = start + len(pairs.inner)
         rows = [p for per_rank in gathered for _, p, _, _ in per_rank]
         if rows:
-            cosine = np.concatenate([p.cosine for p in rows])
-            cases = np.concatenate([p.case for p in rows])
-            self.summary["marginscope/inrun_cosine_mean"] = _finite_mean(cosine)
-            for case in (1, 2, 3, 4):
-                self.summary[f"marginscope/inrun_case{case}_frac"] = float(np.mean(cases == case))
-
-
-def _finite_mean(values: np.ndarray) -> float:
-    """Mean of the finite entries (NaN when there is none)."""
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else float("nan")
+            summary = inrun_summary(np.concatenate([p.cosine for p in rows]), np.concatenate([p.case for p in rows]))
+            self.summary.update({f"marginscope/{k}": v for k, v in summary.items()})
 
 
 class InRunStep:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
+from .inspect import inspect_command
 from .measure import measure_command
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 app.command("measure")(measure_command)
+app.command("inspect")(inspect_command)
 
 
 def main() -> None:

@@ -1,0 +1,79 @@
+"""`marginscope inspect`: what a trace holds, in a few tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from ..trace import open_trace, summarize
+from ..trace.summary import TraceSummary
+from .common import out, user_errors
+
+
+@user_errors
+def inspect_command(
+    trace: Path = typer.Argument(..., help="Trace file (.h5) written by measure, train or the tracker."),
+    rows: int = typer.Option(12, "--rows", min=2, help="Records shown (evenly spaced, first and last included)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
+) -> None:
+    """Summarize a trace: the run, per-record Case fractions, gradient cosine and mean log-probs,
+    the in-run pairs and the first → last change of every response.
+
+    Example:
+
+        marginscope inspect marginscope-demo/run.h5
+    """
+    with open_trace(trace) as tr:
+        summary = summarize(tr)
+    if as_json:
+        out.print_json(json.dumps(summary.__dict__, default=float))
+        return
+    out.print(_run_table(summary))
+    out.print(_records_table(summary, rows))
+    if summary.inrun:
+        inrun = summary.inrun
+        fractions = "  ".join(f"C{c} {inrun[f'inrun_case{c}_frac']:.2f}" for c in (1, 2, 3, 4))
+        out.print(f"in-run: {inrun['rows']} pairs over {inrun['steps']} steps, mean cosine "
+                  f"{inrun['inrun_cosine_mean']:+.3f}, {fractions}")
+    if summary.trend:
+        out.print("first → last mean Δlog π: " + "  ".join(f"{k} {v:+.3f}" for k, v in summary.trend.items()))
+
+
+def _run_table(summary: TraceSummary) -> Table:
+    meta = summary.metadata
+    table = Table(title=summary.path, show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    hparams = meta.get("loss_hparams", {})
+    shown = {
+        "kind": meta.get("kind", "?"), "model": meta.get("model", "?"),
+        "loss": f"{meta.get('loss', '?')} {' '.join(f'{k}={v}' for k, v in hparams.items())}",
+        "engine / scope": f"{meta.get('engine_resolved') or meta.get('engine', '?')} / {meta.get('scope', '?')}",
+        "probes × responses": f"{summary.n_probes} × {len(summary.names)} ({', '.join(summary.names)})",
+        "records": f"{len(summary.records)}" + (f" (steps {summary.records[0]['step']}–{summary.records[-1]['step']})"
+                                                if summary.records else ""),
+        "top-k / per-token": f"{summary.top_k} / {meta.get('per_token') or 'none'}",
+        "created": meta.get("created", "?"),
+        "versions": " ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
+    }
+    for key, value in shown.items():
+        table.add_row(key, str(value))
+    return table
+
+
+def _records_table(summary: TraceSummary, rows: int) -> Table:
+    table = Table(title="records")
+    columns = ["step", "cosine", "C1", "C2", "C3", "C4", *(f"logp {n}" for n in summary.names), "non-finite"]
+    for column in columns:
+        table.add_column(column, justify="right")
+    records = summary.records
+    picked = sorted(set(np.linspace(0, len(records) - 1, min(rows, len(records))).round().astype(int).tolist()))
+    for i in picked:
+        r = records[i]
+        table.add_row(str(r["step"]), f"{r['cosine_mean']:+.3f}", *(f"{r[f'case{c}_frac']:.2f}" for c in (1, 2, 3, 4)),
+                      *(f"{r[f'logp_{n}_mean']:.3f}" for n in summary.names), str(r["nonfinite"]))
+    return table
