@@ -1,0 +1,258 @@
+"""`marginscope.train`: the preference trainer learns, every loss trains, runs are reproducible,
+accumulation matches one big batch, resumed runs equal uninterrupted ones bit for bit."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import marginscope as ms
+from marginscope.demo.tiny import save_tiny
+from marginscope.dynamics.scoring import encode, sequence_logp
+from marginscope.loading import load_model, load_tokenizer
+from marginscope.probes import ProbeSet
+from marginscope.train import DataOrder, TrainConfig, _grad_norm, train
+
+PAIRS = ProbeSet.from_records([
+    {"id": f"t{i}", "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    for i, (prompt, chosen, rejected) in enumerate([
+        ("The movie was wonderful. The sentiment is", " positive.", " negative."),
+        ("The service was terrible. The sentiment is", " negative.", " positive, and it was fine."),
+        ("The food was", " great", " cold and bland"),
+        ("This phone failed every expectation. The sentiment is", " negative.", " positive."),
+        ("The concert was", " loud and joyful", " boring"),
+        ("The hotel room was", " clean", " dirty and small"),
+        ("The book was", " a delight", " dull"),
+        ("The weather today is", " sunny and warm", " awful"),
+    ])
+], source="pairs")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _config(**kwargs) -> TrainConfig:
+    defaults = dict(data=PAIRS, loss="dpo", hparams={"beta": 0.5}, steps=4, batch_size=4, lr=1e-3)
+    return TrainConfig(**{**defaults, **kwargs})
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_params(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_dpo_run_lowers_the_loss_and_raises_the_margin(tmp_path, probes):
+    model_dir = save_tiny(tmp_path / "model")
+    trace = tmp_path / "run.h5"
+    result = train(_config(model=model_dir, probes=probes, trace=trace, every=4, steps=16))
+    assert [h.step for h in result.history] == list(range(1, 17))
+    assert result.history[0].margin == 0.0  # reference = the initial policy, no dropout
+    assert result.final_loss < 0.5 * result.history[0].loss and result.history[-1].margin > 0
+    assert result.trace == trace and result.checkpoint is None
+    tokenizer = load_tokenizer(model_dir)
+    encoded = encode(tokenizer, PAIRS)
+    before = sequence_logp(load_model(model_dir), encoded)
+    after = sequence_logp(result.model, encoded)
+    margin = (after[:, 0] - before[:, 0]) - (after[:, 1] - before[:, 1])
+    assert (margin > 0).all()
+    loss = ms.losses.get("dpo", beta=0.5)
+    assert loss(after[:, 0], after[:, 1], before[:, 0], before[:, 1], None, None).mean() < math.log(2) / 2
+    order = DataOrder.of(_config(steps=16), len(PAIRS))
+    with ms.trace.open(trace) as tr:
+        np.testing.assert_array_equal(tr.steps, [0, 4, 8, 12, 16])
+        assert tr.metadata["kind"] == "train" and tr.metadata["train"]["loss"] == "dpo"
+        assert tr.metadata["loss_hparams"] == {"beta": 0.5}
+        inrun = tr.inrun()
+        np.testing.assert_array_equal(inrun["step"], np.repeat(np.arange(1, 17), 4))
+        np.testing.assert_array_equal(inrun["pair"], np.tile(np.arange(4), 16))
+        first = order.pairs(1)  # in-run row (1, j) is training pair order.pairs(1)[j], scored before step 1
+        np.testing.assert_allclose(inrun["logp_w"][:4], before[first, 0], rtol=1e-5)
+        np.testing.assert_allclose(inrun["logp_l"][:4], before[first, 1], rtol=1e-5)
+        assert np.isfinite(inrun["inner"]).all() and set(inrun["case"]) <= {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("name", ms.losses.names())
+def test_every_loss_trains(name, make_model, tokenizer):
+    model = make_model("gpt2", dtype=torch.float32)
+    before = _params(model)
+    result = train(_config(loss=name, hparams={}, steps=2, batch_size=2), model=model, tokenizer=tokenizer)
+    assert len(result.history) == 2 and all(math.isfinite(h.loss) for h in result.history)
+    assert any(not torch.equal(before[k], v) for k, v in _params(model).items())
+
+
+def test_resume_equals_the_uninterrupted_run(make_model, tokenizer, probes, tmp_path):
+    def run(tag: str, stop_at: int | None = None, resume: str | None = None):
+        model = make_model("gpt2", dtype=torch.float32, dropout=0.1)
+        config = _config(probes=probes, trace=tmp_path / f"{tag}.h5", every=2, steps=8, batch_size=3,
+                         grad_accum=2, warmup_steps=2, max_grad_norm=1.0, out_dir=tmp_path / tag,
+                         checkpoint_every=4, resume=resume)
+
+        def stop(log):
+            if log.step == stop_at:
+                raise Interrupted
+
+        return model, train(config, model=model, tokenizer=tokenizer, callback=stop)
+
+    model, full = run("full")
+    with pytest.raises(Interrupted):
+        run("cut", stop_at=6)
+    resumed_model, resumed = run("cut", resume="latest")
+    _assert_same_params(_params(model), _params(resumed_model))
+    assert resumed.history == full.history
+    assert resumed.checkpoint == tmp_path / "cut" / "checkpoint-8"
+    with ms.trace.open(tmp_path / "full.h5") as a, ms.trace.open(tmp_path / "cut.h5") as b:
+        np.testing.assert_array_equal(a.steps, [0, 2, 4, 6, 8])
+        np.testing.assert_array_equal(b.steps, a.steps)
+        for name in ("logp", "token_logp", "gram", "d_w", "d_l", "case", "predicted_delta", "observed_delta",
+                     "topk_ids", "topk_prob"):
+            np.testing.assert_array_equal(getattr(b, name), getattr(a, name), err_msg=name)
+        for name, values in a.inrun().items():
+            np.testing.assert_array_equal(b.inrun()[name], values, err_msg=name)
+
+
+def test_resume_refuses_other_settings(make_model, tokenizer, tmp_path):
+    model = make_model("gpt2", dtype=torch.float32)
+    train(_config(steps=2, out_dir=tmp_path / "out", checkpoint_every=1), model=model, tokenizer=tokenizer)
+    with pytest.raises(ms.MarginscopeError, match="checkpoint-2: made with lr 0.001, this run has 0.01"):
+        train(_config(steps=2, lr=1e-2, out_dir=tmp_path / "out", resume="latest"), model=model, tokenizer=tokenizer)
+    with pytest.raises(ms.MarginscopeError, match="earlier run"):
+        train(_config(steps=2, out_dir=tmp_path / "out"), model=model, tokenizer=tokenizer)
+    train(_config(steps=1, out_dir=tmp_path / "out", overwrite=True), model=model, tokenizer=tokenizer)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-1"]
+    with pytest.raises(ms.MarginscopeError, match="no checkpoint"):
+        train(_config(out_dir=tmp_path / "empty", resume="latest"), model=model, tokenizer=tokenizer)
+
+
+def test_same_seed_same_run_and_the_tracker_changes_nothing(make_model, tokenizer, probes, tmp_path):
+    def run(seed: int, tracked: bool):
+        model = make_model("gpt2", dtype=torch.float32, dropout=0.1)
+        extra = dict(probes=probes, trace=tmp_path / f"{seed}-{tracked}.h5", every=1) if tracked else {}
+        train(_config(seed=seed, steps=3, batch_size=3, **extra), model=model, tokenizer=tokenizer)
+        return _params(model)
+
+    first = run(0, tracked=False)
+    _assert_same_params(first, run(0, tracked=False))
+    _assert_same_params(first, run(0, tracked=True))
+    assert any(not torch.equal(first[k], v) for k, v in run(1, tracked=False).items())
+
+
+def test_accumulation_equals_one_big_batch(make_model, tokenizer):
+    def run(batch_size: int, grad_accum: int):
+        model = make_model("gpt2")  # float64: only summation order differs between the two
+        result = train(_config(epochs=2.5, batch_size=batch_size, grad_accum=grad_accum, steps=None),
+                       model=model, tokenizer=tokenizer)
+        return _params(model), result.history
+
+    big, big_log = run(6, 1)
+    small, small_log = run(2, 3)
+    assert [h.pairs for h in big_log] == [6, 6, 6, 2]  # 20 pairs: nothing dropped, a short last step
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], rtol=1e-9, atol=1e-12)
+    for key in ("loss", "margin", "grad_norm"):  # AdamW hides a uniform gradient scale; the norm does not
+        np.testing.assert_allclose([getattr(h, key) for h in small_log], [getattr(h, key) for h in big_log],
+                                   rtol=1e-10, atol=1e-12, err_msg=key)
+
+
+def test_data_order_covers_every_pair_once_per_epoch():
+    order = DataOrder(n_pairs=5, batch_size=2, total_pairs=8, seed=3)
+    steps = [order.pairs(s) for s in range(1, order.steps + 1)]
+    assert [len(s) for s in steps] == [2, 2, 2, 2]
+    flat = [i for s in steps for i in s]
+    assert sorted(flat[:5]) == list(range(5)) and len(set(flat[5:])) == 3
+    assert flat == [i for s in range(1, 5) for i in DataOrder(5, 2, 8, seed=3).pairs(s)]
+    assert flat != [i for s in range(1, 5) for i in DataOrder(5, 2, 8, seed=4).pairs(s)]
+    two = DataOrder(n_pairs=5, batch_size=2, total_pairs=7, seed=3, grad_accum=2, world_size=2)
+    assert two.steps == 1 and two.micro_batches(1, 0) == [flat[0:2], flat[4:6]]
+    assert two.micro_batches(1, 1) == [flat[2:4], flat[6:7]] and two.shard(1, 1) == flat[2:4] + flat[6:7]
+    assert DataOrder(5, 2, 5, seed=3, world_size=2).micro_batches(2, 1) == [[]]  # a short last round
+    assert DataOrder.of(TrainConfig(data=PAIRS, batch_size=3), 8).steps == 3  # default: one epoch
+    assert DataOrder.of(TrainConfig(data=PAIRS, batch_size=3, steps=2, epochs=5), 8).total_pairs == 6
+
+
+def test_schedules(make_model, tokenizer):
+    def lrs(schedule: str):
+        model = make_model("gpt2", dtype=torch.float32)
+        result = train(_config(steps=6, batch_size=2, lr=1.0e-3, warmup_steps=2, schedule=schedule),
+                       model=model, tokenizer=tokenizer)
+        return [h.lr / 1e-3 for h in result.history]
+
+    np.testing.assert_allclose(lrs("linear"), [0, 0.5, 1, 0.75, 0.5, 0.25])
+    np.testing.assert_allclose(lrs("constant"), [0, 0.5, 1, 1, 1, 1])
+
+
+def test_grad_norm_clips():
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
+    params[0].grad, params[1].grad = torch.full((3,), 2.0), torch.full((4,), 2.0)
+    assert _grad_norm(params, None) == pytest.approx(math.sqrt(28))
+    assert _grad_norm(params, 1.0) == pytest.approx(math.sqrt(28))
+    assert _grad_norm(params, None) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(steps=0), "steps must be an integer ≥ 1"),
+    (dict(every=-1), "every must be an integer ≥ 1"),
+    (dict(lr=0.0), "lr must be a number > 0"),
+    (dict(lr=math.nan), "lr must be a number > 0"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(grad_accum=0), "grad_accum"),
+    (dict(epochs=-1.0), "epochs"),
+    (dict(max_grad_norm=0.0), "max_grad_norm"),
+    (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(schedule="cosine"), "schedule"),
+    (dict(loss="nope"), "unknown loss 'nope'"),
+    (dict(hparams={"gamma": 1.0}), "no hyper-parameter 'gamma'"),
+    (dict(probes=PAIRS), "probes and trace go together"),
+    (dict(per_token="head"), "per_token needs probes"),
+    (dict(per_token="rows"), "per_token must be one of"),
+    (dict(checkpoint_every=2), "needs out_dir"),
+    (dict(resume="latest"), "needs out_dir"),
+    (dict(loss="simpo", hparams={}, ref="ref-dir"), "uses no reference"),
+    (dict(dtype="float8"), "dtype"),
+])
+def test_bad_settings_are_refused_before_anything_runs(change, needle):
+    with pytest.raises(ms.MarginscopeError, match=needle):
+        train(_config(**change))
+
+
+def test_pairs_longer_than_the_context_name_the_pair(make_model, tokenizer):
+    long = ProbeSet.from_records([{"id": "long-one", "prompt": "The movie was wonderful. " * 40,
+                                   "chosen": " yes", "rejected": " no"}], source="prefs.jsonl")
+    with pytest.raises(ms.MarginscopeError, match=r"prefs.jsonl: probe 'long-one': .* context of 128"):
+        train(_config(data=long), model=make_model("gpt2"), tokenizer=tokenizer)
+
+
+def test_non_finite_loss_stops_before_the_step(make_model, tokenizer):
+    ms.losses.register("nan-loss", lambda w, l, rw, rl, lw, ll: w * math.nan)
+    try:
+        model = make_model("gpt2")
+        before = _params(model)
+        with pytest.raises(ms.MarginscopeError, match="step 1: the loss is not finite"):
+            train(_config(loss="nan-loss", hparams={}), model=model, tokenizer=tokenizer)
+        _assert_same_params(before, _params(model))
+    finally:
+        ms.losses._REGISTRY.pop("nan-loss", None)
+
+
+def test_python_recipe_in_the_docs_runs(tmp_path, monkeypatch):
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(snippet, scope)
+    assert scope["result"].steps == 10 and scope["result"].final_loss < math.log(2)
+    tr = scope["tr"]
+    np.testing.assert_array_equal(tr.steps, [0, 5, 10])
+    assert len(tr.inrun()["step"]) == 20
+    tr.close()
