@@ -13,8 +13,8 @@
 A record holds, for every probe and response: sequence and per-token log-probs, the Gram of the
 log-prob gradients, the loss's d_w/d_l, the Case, the first-order prediction and the change since the
 previous record, the top-k next tokens at every position (where the probability mass goes), and the
-per-token Gram of a chosen subset of probes. In-run rows (training-batch pairs) are written at each
-record and at `close()`.
+per-token Gram of a chosen subset of probes. In-run rows (training-batch pairs) are written at every
+`step()`.
 
 The never-hurt-the-run policy: measurements run in eval mode without touching `.grad`; the RNG state,
 train/eval mode and grad mode are restored afterwards; an exception inside a measurement is logged once
@@ -115,8 +115,10 @@ class Tracker:
     "head", "tail" or "exact" for the per-token Gram of `per_token_probes` (ids; default all probes).
     top_k: next tokens kept per position. Reference log-probs: `ref_logp` [N, R], else those of
     `ref_model`, else the model's own at the first record (the usual DPO set-up: reference = initial
-    policy). start_step > 0 with an existing trace resumes it: records past start_step are dropped and
-    the run appends to the same file; start_step = 0 refuses an existing file unless `overwrite`.
+    policy). start_step > 0 with an existing trace resumes it: records past start_step are dropped, the
+    run appends to the same file, and start_step itself is recorded only when it is on the `every`
+    schedule (so a resumed trace equals an uninterrupted one); start_step = 0 refuses an existing file
+    unless `overwrite`.
     """
 
     def __init__(self, model: nn.Module, tokenizer, probes: ProbeSet | str | os.PathLike, path: str | os.PathLike,
@@ -163,14 +165,16 @@ class Tracker:
 
     def step(self, step: int) -> bool:
         """Call after each optimizer step (step = 1, 2, ...) on every rank; records when
-        step % every == 0. In-run rows gathered since the previous call get this step. Returns whether
-        a record was made."""
+        step % every == 0. In-run rows gathered since the previous call get this step and are written
+        now. Returns whether a record was made."""
         self._inrun = [(step if s is None else s, *rest) for s, *rest in self._inrun]
-        if self._closed or step % self.every or step == self._last_step:
+        if self._closed:
             return False
-        self._record(step)
+        recorded = not (step % self.every or step == self._last_step)
+        if recorded:
+            self._record(step)
         self._flush_inrun()
-        return True
+        return recorded
 
     def in_run(self, *, n_pairs: int | None = None, pairs: Sequence[tuple[int, int]] | None = None) -> InRunStep:
         """Context for one training forward+backward: exact per-pair geometry of its batch (see
@@ -221,7 +225,8 @@ class Tracker:
                 self._ref_logp = self._writer.ref_logp
                 self._last_logp = self._writer.last_logp()
                 steps = self._writer.steps
-                record_now = not (len(steps) and int(steps[-1]) == start_step)
+                # the records of the uninterrupted run: at start_step only when it is on the schedule
+                record_now = not len(steps) or (start_step % self.every == 0 and int(steps[-1]) != start_step)
             elif self.path.exists() and not overwrite:
                 raise MarginscopeError(f"{self.path}: exists; pass overwrite=True, another path, or a "
                                        "start_step > 0 to resume it")
