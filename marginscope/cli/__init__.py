@@ -5,8 +5,13 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
+from .demo import demo_command
 from .inspect import inspect_command
 from .measure import measure_command
+from .plot import plot_command
+from .probes import probes_app
+from .report import report_command
+from .train import train_command
 
 app = typer.Typer(
     name="marginscope", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -31,6 +36,11 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 app.command("measure")(measure_command)
 app.command("inspect")(inspect_command)
+app.command("demo")(demo_command)
+app.command("train")(train_command)
+app.command("plot")(plot_command)
+app.command("report")(report_command)
+app.add_typer(probes_app, name="probes", help="Build, sample, extend (top output y*), validate and show probe files.")
 
 
 def main() -> None:
