@@ -26,13 +26,10 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Until the embedded demo lands: a tiny GPT-2-style model (random init, local tokenizer) measured
-# on the bundled sentiment probes, printed as a table and written as a trace.
+# The embedded demo: a tiny GPT-2-style model trained from scratch (SFT, cached in $(DEMO_DIR)/sft-model),
+# then DPO with the tracker on the sentiment probes of each style; traces, figures and report.
 demo: install
-	mkdir -p $(DEMO_DIR)
-	$(PY) -m marginscope.demo.tiny $(DEMO_DIR)/model
-	$(VENV)/bin/marginscope measure --model $(DEMO_DIR)/model --probes marginscope/demo/probes.jsonl \
-		--loss dpo --beta 0.1 -o $(DEMO_DIR)/measure.h5
+	$(VENV)/bin/marginscope demo --out $(DEMO_DIR)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,39 @@
+"""`marginscope demo`: the embedded end-to-end example (tiny SFT model, tracked DPO per sentiment style)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..demo.recipe import StyleSummary, run_demo
+from .common import out, user_errors
+
+
+@user_errors
+def demo_command(
+    output: Path = typer.Option(Path("marginscope-demo"), "--out", "-o", help="Folder for the model cache, traces, figures and report."),
+) -> None:
+    """Train a tiny GPT-2-style model from scratch on the bundled synthetic sentiment corpus (cached),
+    run DPO with the tracker on the sentiment probes of each style (single word, short sentence, long
+    sentence), and write the traces, figures and an HTML report. A few minutes on a 2-core CPU.
+
+    Example:
+
+        marginscope demo --out marginscope-demo && marginscope inspect marginscope-demo/run-long.h5
+    """
+    summaries = run_demo(output, say=lambda line: out.print(line, highlight=False), progress=True)
+    out.print(summary_table(summaries))
+
+
+def summary_table(summaries: list[StyleSummary]) -> Table:
+    """Per style: Case fractions at the last record, chosen/rejected trends, mean gradient cosine."""
+    table = Table(title="DPO on sentiment probes: what happened to chosen and rejected, and why")
+    for column in ("style", "Case 1", "Case 2", "Case 3", "Case 4", "Δ log π chosen", "Δ log π rejected",
+                   "mean cos(a_w, a_l)", "trace"):
+        table.add_column(column, justify="left" if column in ("style", "trace") else "right")
+    for s in summaries:
+        table.add_row(s.style, *(f"{s.case_fractions[c]:.2f}" for c in (1, 2, 3, 4)), f"{s.chosen_trend:+.3f}",
+                      f"{s.rejected_trend:+.3f}", f"{s.cosine_mean:+.3f}", str(s.trace))
+    return table
