@@ -13,13 +13,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -76,7 +77,8 @@ def sft_corpus(config: DemoConfig) -> list[str]:
     return lines
 
 
-def sft_model(config: DemoConfig, cache: Path, progress=None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def sft_model(config: DemoConfig, cache: Path, progress: Callable[[int, int, float], None] | None = None
+              ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """The SFT'd tiny GPT-2 and its tokenizer: loaded from `cache` when its recipe hash matches, else
     trained from scratch and saved there."""
     stamp = cache / "recipe.json"
@@ -95,8 +97,9 @@ def sft_model(config: DemoConfig, cache: Path, progress=None) -> tuple[PreTraine
 
 
 def train_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts: list[str], config: DemoConfig,
-             progress=None) -> list[float]:
-    """Next-token prediction on `texts` (padded batches, loss on real tokens), AdamW; returns the losses."""
+             progress: Callable[[int, int, float], None] | None = None) -> list[float]:
+    """Next-token prediction on `texts` (padded batches, loss on real tokens), AdamW; returns the losses.
+    `progress(step, total, loss)` is called after every step."""
     ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     generator = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.sft_lr, weight_decay=0.01)
@@ -176,7 +179,8 @@ def run_demo(out: str | Path = "marginscope-demo", config: DemoConfig = DemoConf
         raise MarginscopeError(f"{out}: exists and is not a folder; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     say(f"SFT model: {out / 'sft-model'}")
-    sft, tokenizer = sft_model(config, out / "sft-model")
+    with _sft_progress(progress) as advance:
+        sft, tokenizer = sft_model(config, out / "sft-model", advance)
     traces = []
     for style in config.styles:
         say(f"DPO on the {style!r} sentiment pairs ({config.dpo_steps} steps, tracker every {config.every})")
@@ -191,3 +195,15 @@ def _figures_and_report(traces: list[Path], out: Path, tokenizer: PreTrainedToke
     written = plots.save_all(traces, out / "figures", tokenizer=tokenizer)
     say(f"figures: {len(written)} files in {out / 'figures'}")
     say(f"report: {report.write(traces, out / 'report.html', tokenizer=tokenizer)}")
+
+
+@contextlib.contextmanager
+def _sft_progress(enabled: bool) -> Iterator[Callable[[int, int, float], None] | None]:
+    """A rich progress bar over the SFT steps (with the loss) when enabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import Progress
+    with Progress(*Progress.get_default_columns(), "loss {task.fields[loss]:.3f}", transient=True) as bar:
+        task = bar.add_task("SFT from scratch", total=None, loss=float("nan"))
+        yield lambda step, total, loss: bar.update(task, completed=step, total=total, loss=loss)
