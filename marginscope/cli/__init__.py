@@ -11,6 +11,7 @@ from .measure import measure_command
 from .plot import plot_command
 from .probes import probes_app
 from .report import report_command
+from .reproduce import reproduce_command
 from .train import train_command
 
 app = typer.Typer(
@@ -40,6 +41,7 @@ app.command("demo")(demo_command)
 app.command("train")(train_command)
 app.command("plot")(plot_command)
 app.command("report")(report_command)
+app.command("reproduce")(reproduce_command)
 app.add_typer(probes_app, name="probes", help="Build, sample, extend (top output y*), validate and show probe files.")
 
 
