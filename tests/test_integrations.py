@@ -79,7 +79,7 @@ def test_dpo_trainer_parameters_bit_identical_with_the_callback(make_model, toke
     ms.integrations.attach(tracked, ms.integrations.TRLCallback(probes=probes, path=tmp_path / "run.h5", every=1,
                                                                 per_token="head"))
     tracked.train()
-    assert plain.args.gradient_checkpointing and tracked.model.is_gradient_checkpointing
+    assert plain.args.gradient_checkpointing and tracked.model.is_activation_checkpointing
     for (name, a), b in zip(plain.model.named_parameters(), tracked.model.parameters()):
         assert torch.equal(a, b), name
     with ms.trace.open(tmp_path / "run.h5") as tr:
