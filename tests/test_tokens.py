@@ -15,7 +15,7 @@ import marginscope as ms
 from marginscope.dynamics import encode, select_parameters
 from marginscope.dynamics import tokens
 from marginscope.dynamics.exact import exact_token_gram, gradient_scope
-from oracles import ScaledLM, flat_grad, oracle_token_gram
+from oracles import ScaledLM, oracle_token_gram
 
 ARCHS = ("gpt2", "llama", "qwen2", "gpt_neox")
 # each tier's parameters by name, written out per architecture (gpt2: of the untied copy)

@@ -13,7 +13,6 @@ from transformers import PreTrainedTokenizerBase
 from ..errors import MarginscopeError
 from .coefficients import classify, coefficients, gram_cosine, log_prob_ntk, predict_delta
 from .exact import (
-    ParameterScope,
     ParamSpec,
     exact_gram_chunk,
     exact_token_gram,

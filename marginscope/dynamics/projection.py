@@ -44,7 +44,7 @@ from torch.nn import functional as F
 
 from ..errors import MarginscopeError
 from .exact import ParameterScope
-from .ghost import Dense, Factor, GhostCollector, Outer
+from .ghost import Dense, Factor, GhostCollector
 from .scoring import EncodedProbe, ScoredRows, score_rows
 
 

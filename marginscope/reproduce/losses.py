@@ -15,7 +15,7 @@ reported (the paper's Figure 2 does not show it, so it makes no claim about it).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
