@@ -15,9 +15,11 @@ from .common import out, user_errors
 def demo_command(
     output: Path = typer.Option(Path("marginscope-demo"), "--out", "-o", help="Folder for the model cache, traces, figures and report."),
 ) -> None:
-    """Train a tiny GPT-2-style model from scratch on the bundled synthetic sentiment corpus (cached),
-    run DPO with the tracker on the sentiment probes of each style (single word, short sentence, long
-    sentence), and write the traces, figures and an HTML report. A few minutes on a 2-core CPU.
+    """Run the embedded demo: tiny model from scratch, tracked DPO per sentiment style, figures, report.
+
+    Trains a tiny GPT-2-style model on the bundled synthetic sentiment corpus (cached), runs DPO with
+    the tracker on the sentiment probes of each style (single word, short sentence, long sentence),
+    and writes the traces, figures and an HTML report. About a minute on a 2-core CPU.
 
     Example:
 

@@ -20,8 +20,10 @@ def inspect_command(
     rows: int = typer.Option(12, "--rows", min=2, help="Records shown (evenly spaced, first and last included)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
 ) -> None:
-    """Summarize a trace: the run, per-record Case fractions, gradient cosine and mean log-probs,
-    the in-run pairs and the first → last change of every response.
+    """Summarize a trace: the run, its records, the in-run pairs and the trends.
+
+    Per record: Case fractions, mean gradient cosine and mean log-prob of every response; then the
+    in-run totals and the first → last change of every response.
 
     Example:
 
