@@ -46,6 +46,7 @@ from .integrations.distributed import gather_to_main, world
 from .loading import DTYPES, load_model, load_tokenizer
 from .probes import ProbeSet
 from .probes import load as load_probes
+from .progress import progress_bar
 from .tracker import Tracker
 
 SCHEDULES = ("linear", "constant")
@@ -612,7 +613,8 @@ class _Loop:
 
     def run(self, tracker: Tracker | None, callback: Callable[[StepLog], None] | None) -> None:
         try:
-            with _progress(self.config.progress and self.rank == 0, self.start, self.order.steps) as advance:
+            with progress_bar(self.config.progress and self.rank == 0, "training", self.order.steps,
+                              completed=self.start, with_loss=True) as advance:
                 for step in range(self.start + 1, self.order.steps + 1):
                     log = self.step(step, tracker)
                     self.history.append(log)
@@ -620,7 +622,7 @@ class _Loop:
                         tracker.step(step)
                     if self._checkpoint_due(step):
                         self.last_checkpoint = self.save(step)
-                    advance(log)
+                    advance(log.loss)
                     if callback is not None:
                         callback(log)
         finally:
@@ -703,17 +705,3 @@ def _gathered(values: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-@contextlib.contextmanager
-def _progress(enabled: bool, done: int, total: int) -> Iterator[Callable[[StepLog], None]]:
-    """A rich progress bar on stderr with the step's loss (a no-op when disabled)."""
-    if not enabled:
-        yield lambda log: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("train", total=total, completed=done, loss="—")
-        yield lambda log: bar.update(task, advance=1, loss=f"{log.loss:.4f}")

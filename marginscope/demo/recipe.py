@@ -13,14 +13,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from ..dynamics.summary import finite_mean
 from ..errors import MarginscopeError
 from ..loading import load_model, load_tokenizer
 from ..probes import ProbeSet, sentiment, top
+from ..progress import progress_bar
 from ..trace import open_trace
 from ..trace.summary import summarize
 from ..train import TrainConfig, train
@@ -77,7 +77,7 @@ def sft_corpus(config: DemoConfig) -> list[str]:
     return lines
 
 
-def sft_model(config: DemoConfig, cache: Path, progress: Callable[[int, int, float], None] | None = None
+def sft_model(config: DemoConfig, cache: Path, progress: Callable[[float], None] | None = None
               ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """The SFT'd tiny GPT-2 and its tokenizer: loaded from `cache` when its recipe hash matches, else
     trained from scratch and saved there."""
@@ -97,9 +97,9 @@ def sft_model(config: DemoConfig, cache: Path, progress: Callable[[int, int, flo
 
 
 def train_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts: list[str], config: DemoConfig,
-             progress: Callable[[int, int, float], None] | None = None) -> list[float]:
+             progress: Callable[[float], None] | None = None) -> list[float]:
     """Next-token prediction on `texts` (padded batches, loss on real tokens), AdamW; returns the losses.
-    `progress(step, total, loss)` is called after every step."""
+    `progress(loss)` is called after every step."""
     ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     generator = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.sft_lr, weight_decay=0.01)
@@ -123,7 +123,7 @@ def train_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts: 
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if progress is not None:
-            progress(step + 1, config.sft_steps, losses[-1])
+            progress(losses[-1])
     model.eval()
     return losses
 
@@ -179,7 +179,7 @@ def run_demo(out: str | Path = "marginscope-demo", config: DemoConfig = DemoConf
         raise MarginscopeError(f"{out}: exists and is not a folder; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     say(f"SFT model: {out / 'sft-model'}")
-    with _sft_progress(progress) as advance:
+    with progress_bar(progress, "SFT from scratch", config.sft_steps, with_loss=True) as advance:
         sft, tokenizer = sft_model(config, out / "sft-model", advance)
     traces = []
     for style in config.styles:
@@ -195,15 +195,3 @@ def _figures_and_report(traces: list[Path], out: Path, tokenizer: PreTrainedToke
     written = plots.save_all(traces, out / "figures", tokenizer=tokenizer)
     say(f"figures: {len(written)} files in {out / 'figures'}")
     say(f"report: {report.write(traces, out / 'report.html', tokenizer=tokenizer)}")
-
-
-@contextlib.contextmanager
-def _sft_progress(enabled: bool) -> Iterator[Callable[[int, int, float], None] | None]:
-    """A rich progress bar over the SFT steps (with the loss) when enabled."""
-    if not enabled:
-        yield None
-        return
-    from rich.progress import Progress
-    with Progress(*Progress.get_default_columns(), "loss {task.fields[loss]:.3f}", transient=True) as bar:
-        task = bar.add_task("SFT from scratch", total=None, loss=float("nan"))
-        yield lambda step, total, loss: bar.update(task, completed=step, total=total, loss=loss)

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import MarginscopeError
+from ..progress import progress_bar
 from .coefficients import classify, coefficients, gram_cosine, log_prob_ntk, predict_delta
 from .exact import (
     ParamSpec,
@@ -153,7 +154,7 @@ def measure(model: nn.Module, tokenizer: PreTrainedTokenizerBase, probes, *,
     token_gram, token_sqnorm = {}, {}
     chunks = list(probe_chunks(encoded, batch_size))
     steps = len(chunks) + (n if per_token else 0)
-    with gradient_scope(model, scope), _progress(progress, steps) as advance:
+    with gradient_scope(model, scope), progress_bar(progress, "measuring", steps) as advance:
         start = 0
         for chunk in chunks:
             scored, grams = gram_chunk(model, chunk, scope, padding_side=padding_side, pad_id=pad_id)
@@ -182,26 +183,6 @@ def measure(model: nn.Module, tokenizer: PreTrainedTokenizerBase, probes, *,
 def _projected_gram_chunk(*args, dim: int, seed: int, **kwargs):
     scored, grams, _ = projected_gram_chunk(*args, dim=dim, seed=seed, **kwargs)
     return scored, grams
-
-
-class _progress:
-    """A rich progress bar when asked for, a no-op otherwise."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import Progress
-        self._bar = Progress(transient=True)
-        self._bar.__enter__()
-        task = self._bar.add_task("measuring", total=self.total)
-        return lambda: self._bar.advance(task)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._bar.__exit__(*exc)
 
 
 @dataclass

@@ -8,13 +8,14 @@ mass that DPO takes from chosen and rejected goes), added to a probe set as an e
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import MarginscopeError
+from ..progress import progress_bar
 from .probeset import ProbeSet, _text_problem
 
 METHODS = ("greedy", "sample")
@@ -39,7 +40,7 @@ def top(probes: ProbeSet, model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     probes.with_extra(name, [p.chosen for p in probes])  # a taken or invalid name fails before decoding
     prompts = list(dict.fromkeys(p.prompt for p in probes))
     outputs: dict[str, str] = {}
-    with _eval_mode(model), torch.no_grad(), _progress(progress, len(prompts)) as advance:
+    with _eval_mode(model), torch.no_grad(), progress_bar(progress, "top outputs", len(prompts)) as advance:
         decoder = _Decoder(model, tokenizer, max_new_tokens)
         for prompt in prompts:
             outputs[prompt] = decoder.top(prompt, k if method == "sample" else 0, _prompt_seed(seed, prompt))
@@ -154,18 +155,3 @@ def _eval_mode(model: PreTrainedModel) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
-
-
-@contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Callable[[], None]]:
-    """A transient rich progress bar when enabled and stderr is a terminal; else a no-op advance."""
-    from rich.console import Console
-    from rich.progress import Progress
-
-    console = Console(stderr=True)
-    if not (enabled and console.is_terminal):
-        yield lambda: None
-        return
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("top outputs", total=total)
-        yield lambda: bar.advance(task)
