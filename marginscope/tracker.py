@@ -39,20 +39,25 @@ from torch import Tensor, nn
 
 from . import losses as loss_zoo
 from .checkpoint import versions
+from .dynamics.coefficients import classify_delta
+from .dynamics.exact import select_parameters
 from .dynamics.inrun import InRunGeometry, InRunPairs
 from .dynamics.measure import check_options, measure, pair_dynamics_of
+from .dynamics.optimizers import STEP_PARTS
 from .dynamics.scoring import EncodedProbe, encode, model_max_length, score_rows, sequence_logp, top_tokens
-from .dynamics.summary import inrun_summary, record_summary
+from .dynamics.summary import inrun_summary, record_summary, update_summary
+from .dynamics.update import directional_logp, trapezoid
 from .errors import MarginscopeError
 from .integrations.distributed import broadcast_from_main, gather_to_main, my_chunks, unwrap_model, world
 from .loading import config_hash
 from .probes import ProbeSet
 from .probes import load as load_probes
+from .step_capture import CapturedStep, StepCapture
 from .trace.schema import Record, TraceWriter
 
 log = logging.getLogger("marginscope")
 
-MEASUREMENTS = ("geometry", "per_token", "top_k", "in_run", "trace")
+MEASUREMENTS = ("geometry", "per_token", "top_k", "update", "in_run", "trace")
 
 
 class _Guard:
@@ -108,6 +113,13 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
         torch.set_grad_enabled(grad)
 
 
+def _sequence(token_values: np.ndarray) -> np.ndarray:
+    """Sum over the last (position) axis; NaN where every position is NaN (an unmeasured response)."""
+    out = np.nansum(token_values, axis=-1)
+    out[np.isnan(token_values).all(axis=-1)] = np.nan
+    return out
+
+
 class Tracker:
     """Record `probes` on `model` at step `start_step` (on construction) and every `every` steps.
 
@@ -115,7 +127,16 @@ class Tracker:
     "head", "tail" or "exact" for the per-token Gram of `per_token_probes` (ids; default all probes).
     top_k: next tokens kept per position. Reference log-probs: `ref_logp` [N, R], else those of
     `ref_model`, else the model's own at the first record (the usual DPO set-up: reference = initial
-    policy). start_step > 0 with an existing trace resumes it: records past start_step are dropped, the
+    policy).
+
+    What actually happened (DESIGN.md §2b; the "update" measurement): at every record after the first,
+    `actual_delta` = ½⟨a(θ_prev) + a(θ_now), θ_now − θ_prev⟩ per response and per token, θ_prev the
+    parameters in scope at the previous record (one copy kept, on `snapshot_device`: None = beside the
+    parameters, "cpu" to offload). With `optimizer` (a torch optimizer, or accelerate's wrapper), the
+    step before each record is captured by a step pre-hook: `step_delta` = ⟨a(θ_t), θ_t − θ_{t−1}⟩ and,
+    for torch Adam/AdamW/SGD, its split into "gradient", "momentum" and "weight_decay" parts by the
+    optimizer's formula, plus the "residual" the formula leaves (float rounding); other optimizers get
+    step_delta only and the metadata says why. start_step > 0 with an existing trace resumes it: records past start_step are dropped, the
     run appends to the same file, and start_step itself is recorded only when it is on the `every`
     schedule (so a resumed trace equals an uninterrupted one); start_step = 0 refuses an existing file
     unless `overwrite`.
@@ -126,7 +147,8 @@ class Tracker:
                  per_token: str | None = None, per_token_probes: Sequence[str] | None = None, top_k: int = 5,
                  ref_model: nn.Module | None = None, ref_logp: np.ndarray | None = None, batch_size: int = 8,
                  padding_side: str = "right", add_eos: bool = False, start_step: int = 0,
-                 overwrite: bool = False, metadata: dict[str, Any] | None = None) -> None:
+                 overwrite: bool = False, metadata: dict[str, Any] | None = None, optimizer=None,
+                 snapshot_device: str | torch.device | None = None) -> None:
         if every < 1:
             raise MarginscopeError(f"every must be ≥ 1; got {every}")
         if top_k < 1:
@@ -141,6 +163,7 @@ class Tracker:
         self.options = dict(params=params, engine=engine, batch_size=batch_size, padding_side=padding_side,
                             add_eos=add_eos)
         self.per_token = per_token
+        self.scope = select_parameters(self.model, params)
         self.encoded = encode(tokenizer, self.probes, add_eos=add_eos, max_length=model_max_length(self.model))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.lengths = np.array([[len(ids) for ids in e.response_ids] for e in self.encoded], dtype=np.int64)
@@ -155,6 +178,10 @@ class Tracker:
         self._last_step: int | None = None
         self._warned_nonfinite = False
         self._closed = False
+        self._snapshot_device = snapshot_device
+        self._snapshot: dict[str, Tensor] | None = None  # θ in scope at the previous record
+        self._last_case: np.ndarray | None = None
+        self._capture = self._step_capture(optimizer)
         self._ref_logp = None if ref_logp is None else np.asarray(ref_logp, dtype=np.float64)
         if self._ref_logp is not None and self._ref_logp.shape != self.lengths.shape:
             raise MarginscopeError(f"ref_logp has shape {self._ref_logp.shape}; expected {self.lengths.shape}")
@@ -174,6 +201,7 @@ class Tracker:
         if recorded:
             self._record(step)
         self._flush_inrun()
+        self._arm_capture(step + 1)
         return recorded
 
     def in_run(self, *, n_pairs: int | None = None, pairs: Sequence[tuple[int, int]] | None = None) -> InRunStep:
@@ -191,6 +219,9 @@ class Tracker:
             return
         self._flush_inrun()
         self._closed = True
+        self._snapshot = None
+        if self._capture is not None:
+            self._capture.close()
         if self._writer is not None:
             self.guard.run("trace", self._writer.close)
             self._writer = None
@@ -242,6 +273,30 @@ class Tracker:
             self._record(start_step)
         else:
             self._last_step = start_step
+        self._arm_capture(start_step + 1)
+
+    def _step_capture(self, optimizer) -> StepCapture | None:
+        if optimizer is None:
+            return None
+        try:
+            return StepCapture(optimizer, self.scope, device=self._snapshot_device,
+                               on_error=lambda err: self.guard.fail("update", err))
+        except TypeError as err:
+            raise MarginscopeError(str(err)) from None
+
+    def _arm_capture(self, step: int) -> None:
+        """Arm the step capture when the optimizer step producing `step` precedes a record."""
+        if self._capture is None or self._closed or step % self.every or not self.guard.active("update"):
+            return
+        # every = 1: θ_{t−1} is the previous record's snapshot, already held
+        self._capture.arm(step, copy_before=not (self._snapshot is not None and self._last_step == step - 1))
+
+    def _step_split(self) -> str:
+        if self._capture is None:
+            return "unavailable: no optimizer given to the tracker"
+        if self._capture.unavailable:
+            return f"unavailable: {self._capture.unavailable}"
+        return f"{type(self._capture.optimizer).__module__}.{type(self._capture.optimizer).__name__}"
 
     def _metadata(self, start_step: int) -> dict[str, Any]:
         cfg = getattr(self.model, "config", None)
@@ -255,17 +310,24 @@ class Tracker:
             "loss": self.loss.name, "loss_hparams": self.loss.hparams, "engine": self.options["engine"],
             "per_token": self.per_token, "per_token_probes": [self.probes.ids[i] for i in self.token_gram_probes],
             "top_k": self.top_k, "padding_side": self.options["padding_side"], "add_eos": self.options["add_eos"],
-            "world_size": self.world_size, "versions": versions(), **self._extra_metadata,
+            "world_size": self.world_size, "step_split": self._step_split(), "step_parts": list(STEP_PARTS),
+            "snapshot_device": str(self._snapshot_device or "parameters"), "versions": versions(),
+            **self._extra_metadata,
         }
 
     # --- one record ------------------------------------------------------------------------------------
 
     def _record(self, step: int) -> None:
-        self._last_step = step
+        captured = self._capture.take(step) if self._capture is not None else None
         with preserved_state(self.model):
             mine = [i for chunk in my_chunks(len(self.encoded), self.options["batch_size"], self.rank,
                                               self.world_size) for i in chunk]
             part = self._measure_part(mine) if mine else {}
+            if mine and self.guard.active("update") and (self._snapshot is not None or captured is not None):
+                ok, views = self.guard.run("update", lambda: self._update_part(mine, captured))
+                part.update(views if ok else {})
+            self._take_snapshot()
+        self._last_step = step
         parts = gather_to_main(part)
         if parts is None or self._closed:
             return
@@ -304,6 +366,53 @@ class Tracker:
             part["topk_prob"][:, :, :top[1].shape[2]] = top[1]
         return part
 
+    def _take_snapshot(self) -> None:
+        """Keep θ in scope for the next record's actual-update view (one copy of the scope)."""
+        if not self.guard.active("update"):
+            self._snapshot = None
+            return
+        ok, snap = self.guard.run("update", lambda: {
+            n: p.detach().to(device=self._snapshot_device or p.device, copy=True)
+            for n, p in zip(self.scope.names, self.scope.params)})
+        self._snapshot = snap if ok else None
+
+    def _update_part(self, indices: list[int], captured: CapturedStep | None) -> dict[str, np.ndarray]:
+        """This rank's share of the actual-update views: "actual_token" [n, R, T] (trapezoid over the
+        interval since the previous record), "step" [n, R] and "step_parts" [n, R, P] (the step before
+        this record), each present only when measurable."""
+        encoded = [self.encoded[i] for i in indices]
+        now = {n: p.detach() for n, p in zip(self.scope.names, self.scope.params)}
+        on = lambda values: {n: v.to(now[n].device) for n, v in values.items()}  # noqa: E731
+        opts = dict(batch_size=self.options["batch_size"], padding_side=self.options["padding_side"],
+                    pad_id=self.pad_id)
+        tangents: list[dict[str, Tensor]] = []
+        if self._snapshot is not None:
+            before = on(self._snapshot)
+            tangents.append({n: now[n] - before[n] for n in now})
+        if captured is not None:
+            if captured.before is not None:
+                tangents.append({n: now[n] - v for n, v in on(captured.before).items()})
+            elif self._snapshot is None:
+                captured = None  # the interval's start was not kept: nothing to measure the step against
+            if captured is not None and captured.parts is not None:
+                tangents += [on(captured.parts[name]) for name in STEP_PARTS]
+        if not tangents:
+            return {}
+        _, at_now = directional_logp(self.model, encoded, tangents, **opts)
+        out: dict[str, np.ndarray] = {}
+        if self._snapshot is not None:
+            _, at_prev = directional_logp(self.model, encoded, tangents[:1], at=before, **opts)
+            out["actual_token"] = trapezoid(at_prev[0], at_now[0])
+        if captured is not None:
+            k = 1 if captured.before is not None and self._snapshot is not None else 0
+            sequence = _sequence(at_now)
+            out["step"] = sequence[k]
+            if captured.parts is not None:
+                parts = sequence[k + 1:k + 1 + len(STEP_PARTS)]
+                out["step_parts"] = np.concatenate([np.moveaxis(parts, 0, -1),
+                                                    (sequence[k] - parts.sum(0))[..., None]], axis=-1)
+        return out
+
     def _score_only(self, encoded: list[EncodedProbe], token_logp: np.ndarray) -> None:
         """Per-token log-probs without gradients, when the geometry measurement is off."""
         self.model.eval()
@@ -320,6 +429,8 @@ class Tracker:
         gram, token_logp = np.full((n, r, r), np.nan), np.full((n, r, t), np.nan)
         topk_ids = np.full((n, r, t, self.top_k), -1, dtype=np.int32)
         topk_prob = np.full((n, r, t, self.top_k), np.nan, dtype=np.float32)
+        actual_token = np.full((n, r, t), np.nan)
+        step_delta, step_parts = np.full((n, r), np.nan), np.full((n, r, len(STEP_PARTS) + 1), np.nan)
         token_gram: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         info: dict[str, Any] = {}
         for part in parts:
@@ -328,6 +439,12 @@ class Tracker:
             idx = part["index"]
             gram[idx], token_logp[idx] = part["gram"], part["token_logp"]
             topk_ids[idx], topk_prob[idx] = part["topk_ids"], part["topk_prob"]
+            if "actual_token" in part:
+                actual_token[idx, :, :part["actual_token"].shape[-1]] = part["actual_token"]
+            if "step" in part:
+                step_delta[idx] = part["step"]
+            if "step_parts" in part:
+                step_parts[idx] = part["step_parts"]
             token_gram.update(part["token_gram"])
             for key in ("engine", "n_params", "scope"):
                 info.setdefault(key, part.get(key))
@@ -337,9 +454,13 @@ class Tracker:
             self._ref_logp = logp.copy()
         dyn = pair_dynamics_of(logp, gram, self.lengths, self.names, self.loss, self._ref_logp)
         observed = np.full_like(logp, np.nan) if self._last_logp is None else logp - self._last_logp
+        actual = _sequence(actual_token)
+        w, l = self.names.index("chosen"), self.names.index("rejected")
         record = Record(step=step, logp=logp, token_logp=token_logp, gram=gram, d_w=dyn.d_w, d_l=dyn.d_l,
                         case=dyn.case, predicted_delta=dyn.predicted_delta, observed_delta=observed,
-                        topk_ids=topk_ids, topk_prob=topk_prob, token_gram=token_gram)
+                        topk_ids=topk_ids, topk_prob=topk_prob, token_gram=token_gram, actual_delta=actual,
+                        actual_token_delta=actual_token, step_delta=step_delta, step_parts=step_parts,
+                        case_observed=classify_delta(observed, w, l), case_actual=classify_delta(actual, w, l))
         if self._writer is None:
             metadata = {**self._metadata(step), "engine_resolved": info.get("engine"),
                         "n_params": info.get("n_params"), "scope": info.get("scope")}
@@ -350,8 +471,11 @@ class Tracker:
                                               token_gram_shapes=shapes, overwrite=True)
         self._writer.append(record)
         self._last_logp = logp
-        self.summary = {f"marginscope/{k}": v for k, v in
-                        record_summary(self.names, record.logp, record.gram, record.case).items()}
+        summary = record_summary(self.names, record.logp, record.gram, record.case)
+        summary.update(update_summary(self.names, observed, actual, self._last_case, record.case_observed,
+                                      record.case_actual))
+        self._last_case = record.case
+        self.summary = {f"marginscope/{k}": v for k, v in summary.items()}
         if not np.isfinite(record.logp).all() or not np.isfinite(record.gram).all():
             if not self._warned_nonfinite:
                 log.warning("marginscope: step %d has non-finite log-probs or Gram entries (recorded and "

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import marginscope as ms
 from marginscope.cli import app
+from marginscope.dynamics.summary import first_order_fit
 from marginscope.plots import _data
 from trace_factory import EDGE_CASES, make_trace, tracked_trace
 
@@ -293,15 +294,15 @@ def test_topk_gains_and_differing_tokens():
 
 
 def test_first_order_fit_and_figure(tmp_path):
-    fit = _data.first_order_fit(np.array([1.0, -2.0, 3.0, np.nan]), np.array([0.5, -1.0, 1.5, 2.0]))
+    fit = first_order_fit(np.array([1.0, -2.0, 3.0, np.nan]), np.array([0.5, -1.0, 1.5, 2.0]))
     assert (fit.slope, fit.r, fit.sign_agreement, fit.n) == (pytest.approx(0.5), pytest.approx(1.0), 1.0, 3)
-    assert np.isnan(_data.first_order_fit(np.zeros(3), np.zeros(3)).slope)
+    assert np.isnan(first_order_fit(np.zeros(3), np.zeros(3)).slope)
     path = make_trace(tmp_path / "run.h5")
     with strict():
         fig = ms.plots.first_order(path)
     with ms.trace.open(path) as tr:
         pred, obs = tr.predicted_delta[:-1, :, 0], tr.observed_delta[1:, :, 0]
-    expected = _data.first_order_fit(pred, obs)
+    expected = first_order_fit(pred, obs)
     ax = fig.axes[0]
     assert ax.get_title() == "chosen" and "per unit learning rate" in ax.get_xlabel()
     assert f"η̂ = {expected.slope:.3g}" in all_text(fig) and f"r = {expected.r:.2f}" in all_text(fig)

@@ -102,7 +102,7 @@ def test_round_trip_every_field(tmp_path):
         np.testing.assert_array_equal(w.last_logp(), second.logp)
         np.testing.assert_array_equal(w.ref_logp, np.arange(N * R).reshape(N, R))
     with ms.trace.open(path) as tr:
-        assert tr.schema_version == ms.trace.SCHEMA_VERSION == 2
+        assert tr.schema_version == ms.trace.SCHEMA_VERSION == 3
         assert tr.names == NAMES and tr.probe_ids == ["p0", "p1", "p2"] and tr.top_k == TOP_K
         assert tr.fingerprint == probes().fingerprint()
         assert tr.metadata == {"model": "tiny", "lr": 1e-3}
@@ -150,7 +150,7 @@ def test_to_xarray(tmp_path):
     with ms.trace.open(path) as tr:
         ds = tr.to_xarray()
     assert dict(ds.sizes) == {"step": 2, "probe": N, "response": R, "response_j": R, "position": T,
-                              "k": TOP_K, "token_gram_probe": 2, "position_w": T, "position_l": T}
+                              "k": TOP_K, "part": 4, "token_gram_probe": 2, "position_w": T, "position_l": T}
     assert ds["step"].values.tolist() == [0, 3] and ds["probe"].values.tolist() == ["p0", "p1", "p2"]
     assert ds["response"].values.tolist() == NAMES and ds["token_gram_probe"].values.tolist() == ["p0", "p2"]
     assert ds["topk_prob"].dims == ("step", "probe", "response", "position", "k")
@@ -347,7 +347,7 @@ def test_other_schema_versions_and_non_traces_are_refused(tmp_path):
         f.attrs["schema_version"] = 1
     for action in (lambda: ms.trace.open(path),
                    lambda: TraceWriter.resume(path, probes=probes(), names=NAMES, step=10, top_k=TOP_K)):
-        with pytest.raises(ms.MarginscopeError, match="schema version 1.*version 2") as err:
+        with pytest.raises(ms.MarginscopeError, match="schema version 1.*versions 2, 3") as err:
             action()
         assert str(path) in str(err.value)
     plain = tmp_path / "plain.h5"

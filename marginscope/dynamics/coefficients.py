@@ -83,7 +83,13 @@ def classify(gram: ArrayLike, d_w: ArrayLike, d_l: ArrayLike, w: int = 0, l: int
     0 where any input is NaN. Uses signs, never ratios, so negative coefficients (SPO past its
     target, SPPO, KTO, ...) flip the cases correctly (margin-pitfalls Table 1; CASE_NAMES).
     """
-    delta = predict_delta(gram, d_w, d_l, 1.0, w, l)
+    return classify_delta(predict_delta(gram, d_w, d_l, 1.0, w, l), w, l)
+
+
+def classify_delta(delta: ArrayLike, w: int = 0, l: int = 1) -> np.ndarray:
+    """Case of each pair from the signs of any Δlog π [N, R] (predicted, observed or along the actual
+    update; DESIGN.md §2b), by `classify`'s sign rules: int8 [N], 0 where Δw or Δl is NaN."""
+    delta = _np64(delta)
     dw, dl = delta[:, w], delta[:, l]
     case = np.select([(dw >= 0) & (dl <= 0), (dw <= 0) & (dl <= 0), (dw >= 0) & (dl >= 0)],
                      [CHOSEN_UP_REJECTED_DOWN, BOTH_DOWN, BOTH_UP], MARGIN_DOWN).astype(np.int8)

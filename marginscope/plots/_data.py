@@ -206,33 +206,6 @@ def inrun_series(rows: dict[str, np.ndarray]) -> InrunSeries | None:
     return InrunSeries(steps, per_step(cosine), per_step(sq_w - inner), per_step(inner - sq_l))
 
 
-# ---- first-order validity -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class FirstOrderFit:
-    """Observed ≈ slope · predicted over n finite points, with Pearson r and the sign agreement."""
-
-    slope: float  # least squares through the origin: Σ p·o / Σ p² (an effective learning rate)
-    r: float
-    sign_agreement: float
-    n: int
-
-
-def first_order_fit(predicted: np.ndarray, observed: np.ndarray) -> FirstOrderFit:
-    """Fit observed = slope · predicted (least squares through 0); NaN statistics when undefined."""
-    p, o = finite(predicted).ravel(), finite(observed).ravel()
-    ok = np.isfinite(p) & np.isfinite(o)
-    p, o = p[ok], o[ok]
-    n = int(p.size)
-    if not n:
-        return FirstOrderFit(float("nan"), float("nan"), float("nan"), 0)
-    slope = float(safe_div(np.dot(p, o), np.dot(p, p)))
-    pc, oc = p - p.mean(), o - o.mean()
-    r = float(safe_div(np.dot(pc, oc), np.sqrt(np.dot(pc, pc) * np.dot(oc, oc))))
-    agree = float(np.mean(np.sign(p) == np.sign(o)))
-    return FirstOrderFit(slope, r, agree, n)
-
-
 # ---- tokens -----------------------------------------------------------------------------------
 
 def token_cosine(gram: np.ndarray, sq_w: np.ndarray, sq_l: np.ndarray) -> np.ndarray:

@@ -7,7 +7,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from ._data import TraceLike, finite, first_order_fit, opened, probe_slice, run_label
+from ..dynamics.summary import first_order_fit
+from ._data import TraceLike, finite, opened, probe_slice, run_label
 from ._style import STEP_CMAP, corner_text, message_figure, new_figure, note, response_colors, themed
 
 

@@ -20,11 +20,16 @@ from typing import Any, Callable, Sequence
 import h5py
 import numpy as np
 
+from ..dynamics.optimizers import STEP_PARTS
 from ..dynamics.scoring import EncodedProbe
 from ..errors import MarginscopeError
 
 SCHEMA = "marginscope-trace"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Older versions this reader opens: version 2 lacks the actual-update views (read as NaN / Case 0).
+_READABLE_VERSIONS = (2, 3)
+# The named parts of `step_parts`: the optimizer's formula, then what it leaves of the actual update.
+STEP_PART_NAMES = (*STEP_PARTS, "residual")
 # SWMR needs the HDF5 1.10 file format; the low bound keeps traces readable by HDF5 ≥ 1.10.
 _LIBVER = ("v110", "latest")
 
@@ -54,6 +59,13 @@ class Record:
     topk_prob: np.ndarray  # [N, R, T, k] float32, NaN beyond a response
     token_gram: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
     nonfinite: np.ndarray | None = None  # [N] bool; computed by the writer when None
+    # What actually happened (DESIGN.md §2b); None = not measured (NaN, Case 0 in the file).
+    actual_delta: np.ndarray | None = None  # [N, R] trapezoid first order along θ_now − θ_previous record
+    actual_token_delta: np.ndarray | None = None  # [N, R, T] the same per token, NaN-padded
+    step_delta: np.ndarray | None = None  # [N, R] ⟨a(θ_t), θ_t − θ_{t−1}⟩ of the step before the record
+    step_parts: np.ndarray | None = None  # [N, R, P] its parts, STEP_PART_NAMES order
+    case_observed: np.ndarray | None = None  # [N] int8 Case by the signs of observed_delta
+    case_actual: np.ndarray | None = None  # [N] int8 Case by the signs of actual_delta
 
 
 # Record datasets under /records: name → (dtype, dims after the leading step axis). `step` is last:
@@ -70,8 +82,17 @@ _RECORD_FIELDS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "nonfinite": (np.bool_, ("probe",)),
     "predicted_delta": (np.float64, ("probe", "response")),
     "observed_delta": (np.float64, ("probe", "response")),
+    "actual_delta": (np.float64, ("probe", "response")),
+    "actual_token_delta": (np.float64, ("probe", "response", "position")),
+    "step_delta": (np.float64, ("probe", "response")),
+    "step_parts": (np.float64, ("probe", "response", "part")),
+    "case_observed": (np.int8, ("probe",)),
+    "case_actual": (np.int8, ("probe",)),
     "step": (np.int64, ()),
 }
+# Fields a version-2 trace lacks, and the fill value its reader shows for them.
+_V3_FIELDS = {"actual_delta": np.nan, "actual_token_delta": np.nan, "step_delta": np.nan, "step_parts": np.nan,
+              "case_observed": 0, "case_actual": 0}
 
 # /records/token_gram/<n>: name → (dtype, dims), T_w = chosen length, T_l = rejected length.
 _TOKEN_GRAM_FIELDS: dict[str, tuple[Any, tuple[str, ...]]] = {
@@ -89,7 +110,7 @@ _INRUN_FIELDS: dict[str, Any] = {
 }
 
 # The large per-token record datasets are compressed (see benchmarks/bench_trace_append.py).
-_COMPRESSED = {"token_logp", "topk_ids", "topk_prob"}
+_COMPRESSED = {"token_logp", "topk_ids", "topk_prob", "actual_token_delta"}
 _COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 _INRUN_CHUNK = 4096
 _COPY_BYTES = 64 << 20  # bytes copied per block when resume rebuilds a trace
@@ -106,7 +127,8 @@ class _Dims:
 
     def shape(self, dims: tuple[str, ...], position_w: int = 0, position_l: int = 0) -> tuple[int, ...]:
         size = {"probe": self.probe, "response": self.response, "response_j": self.response,
-                "position": self.position, "k": self.k, "position_w": position_w, "position_l": position_l}
+                "position": self.position, "k": self.k, "part": len(STEP_PART_NAMES),
+                "position_w": position_w, "position_l": position_l}
         return tuple(size[d] for d in dims)
 
     @classmethod
@@ -147,6 +169,7 @@ def _resizable(group: h5py.Group, name: str, dtype: Any, shape: tuple[int, ...],
 def _create_datasets(f: h5py.File, dims: _Dims, token_gram_shapes: dict[int, tuple[int, int]]) -> None:
     """Every appendable dataset, empty: /records, /records/token_gram/<n>, /inrun."""
     rec = f.create_group(_RECORDS)
+    rec.attrs["step_parts"] = json.dumps(list(STEP_PART_NAMES))
     for name, (dtype, axes) in _RECORD_FIELDS.items():
         _resizable(rec, name, dtype, dims.shape(axes), compress=name in _COMPRESSED)
     tg = f.create_group(_TOKEN_GRAM)
@@ -227,9 +250,9 @@ def _open_checked(path: Path) -> h5py.File:
         if f.attrs.get("schema") != SCHEMA:
             raise MarginscopeError(f"{path}: not a marginscope trace (no '{SCHEMA}' schema attribute)")
         version = f.attrs.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise MarginscopeError(f"{path}: trace schema version {version}; this marginscope reads only "
-                                   f"version {SCHEMA_VERSION} (re-create the trace)")
+        if version not in _READABLE_VERSIONS:
+            raise MarginscopeError(f"{path}: trace schema version {version}; this marginscope reads versions "
+                                   f"{', '.join(map(str, _READABLE_VERSIONS))} (re-create the trace)")
     except BaseException:
         f.close()
         raise
@@ -334,6 +357,9 @@ class TraceWriter:
         on a file whose writer was killed (never closed)."""
         path = Path(path)
         with _open_checked(path) as src:
+            if src.attrs["schema_version"] != SCHEMA_VERSION:
+                raise MarginscopeError(f"{path}: schema version {src.attrs['schema_version']} cannot be resumed "
+                                       f"by this marginscope (writes version {SCHEMA_VERSION}); start a new trace")
             _check_same_run(path, src, probes, names, top_k)
             f = _build_swmr(path, lambda dst: _copy_until(src, dst, step))
         return cls(path, f)
@@ -412,7 +438,10 @@ class TraceWriter:
         for name, (dtype, axes) in _RECORD_FIELDS.items():
             if name == "step":
                 continue
-            value = np.asarray(nonfinite if name == "nonfinite" else getattr(record, name), dtype=dtype)
+            value = nonfinite if name == "nonfinite" else getattr(record, name)
+            if value is None:  # a view not measured for this record
+                value = np.full(self._dims.shape(axes), _V3_FIELDS[name])
+            value = np.asarray(value, dtype=dtype)
             if value.shape != self._dims.shape(axes):
                 raise MarginscopeError(f"{self.path}: record field {name} has shape {value.shape}, "
                                        f"expected {self._dims.shape(axes)}")
@@ -543,7 +572,11 @@ class Trace:
         return _committed(self._f[_RECORDS])
 
     def _records(self, name: str, count: int | None = None) -> np.ndarray:
-        return _read_rows(self._f[_RECORDS], name, self._count() if count is None else count)
+        count = self._count() if count is None else count
+        if name not in self._f[_RECORDS]:  # a version-2 trace: the views it does not hold
+            dtype, axes = _RECORD_FIELDS[name]
+            return np.full((count, *_Dims.of(self._f).shape(axes)), _V3_FIELDS[name], dtype=dtype)
+        return _read_rows(self._f[_RECORDS], name, count)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -590,6 +623,28 @@ class Trace:
                                doc="float64 [S, N, R] first-order Δlog π per unit learning rate")
     observed_delta = property(lambda self: self._records("observed_delta"),
                               doc="float64 [S, N, R] Δlog π since the previous record")
+    actual_delta = property(lambda self: self._records("actual_delta"),
+                            doc="float64 [S, N, R] ½⟨a(θ_prev) + a(θ_now), θ_now − θ_prev⟩ over the interval "
+                                "ending at each record (θ_prev: the previous record); NaN at the first")
+    actual_token_delta = property(lambda self: self._records("actual_token_delta"),
+                                  doc="float64 [S, N, R, T] actual_delta per response token; NaN-padded")
+    step_delta = property(lambda self: self._records("step_delta"),
+                          doc="float64 [S, N, R] ⟨a(θ_t), θ_t − θ_{t−1}⟩ of the optimizer step before each "
+                              "record; NaN where not captured")
+    case_observed = property(lambda self: self._records("case_observed"),
+                             doc="int8 [S, N] Case by the signs of observed_delta (0 = undetermined)")
+    case_actual = property(lambda self: self._records("case_actual"),
+                           doc="int8 [S, N] Case by the signs of actual_delta (0 = undetermined)")
+
+    @property
+    def step_parts(self) -> dict[str, np.ndarray]:
+        """{part: float64 [S, N, R]}: step_delta split by the optimizer's formula ("gradient",
+        "momentum", "weight_decay") and "residual" (the actual update minus the formula's: float
+        rounding); the parts sum to step_delta. NaN where the split is unavailable (metadata
+        "step_split" says why)."""
+        values = self._records("step_parts")
+        return {name: values[..., k] for k, name in enumerate(STEP_PART_NAMES)}
+
     topk_ids = property(lambda self: self._records("topk_ids"),
                         doc="int32 [S, N, R, T, k] most probable next tokens, most probable first; −1 padding")
     topk_prob = property(lambda self: self._records("topk_prob"),
@@ -622,7 +677,7 @@ class Trace:
 
     def to_xarray(self):
         """An `xarray.Dataset` of the committed records: dims (step, probe, response, response_j,
-        position, k), one variable per record dataset plus lengths and ref_logp; per-token Grams as
+        position, k, part), one variable per record dataset plus lengths and ref_logp; per-token Grams as
         token_gram / token_sqnorm_w / token_sqnorm_l over (step, token_gram_probe, position_w,
         position_l), NaN where not recorded."""
         import xarray as xr
@@ -634,7 +689,7 @@ class Trace:
         if self.ref_logp is not None:
             data["ref_logp"] = (("probe", "response"), self.ref_logp)
         coords: dict[str, Any] = {"step": rec["step"], "probe": self.probe_ids, "response": self.names,
-                                  "response_j": self.names}
+                                  "response_j": self.names, "part": list(STEP_PART_NAMES)}
         tg_probes = _token_gram_probes(self._f)
         if tg_probes:
             data.update(self._token_gram_arrays(rec["step"], tg_probes))
