@@ -260,7 +260,7 @@ def train(config: TrainConfig, *, model: PreTrainedModel | None = None,
         loop = setup.loop(config, rank)
         was_training = setup.model.training
         try:
-            with _tracker(config, setup, loop.start) as tracker:
+            with _tracker(config, setup, loop.start, loop.optimizer) as tracker:
                 setup.ref_model = None
                 _set_rng(setup.state["rng"][rank] if setup.state is not None else None, config.seed)
                 setup.model.train()
@@ -551,13 +551,16 @@ def _optimizer(config: TrainConfig, params: list[nn.Parameter],
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _tracker(config: TrainConfig, setup: _Setup, start: int) -> contextlib.AbstractContextManager[Tracker | None]:
-    """The tracker of `config` (a resumed run continues its trace from `start`), or a null context."""
+def _tracker(config: TrainConfig, setup: _Setup, start: int,
+             optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager[Tracker | None]:
+    """The tracker of `config` (a resumed run continues its trace from `start`; the step before each
+    record split by `optimizer`), or a null context."""
     if setup.probes is None:
         return contextlib.nullcontext()
     return Tracker(setup.model, setup.tokenizer, setup.probes, config.trace, loss=setup.loss_fn, every=config.every,
                    per_token=config.per_token, per_token_probes=config.per_token_probes, top_k=config.top_k, ref_model=setup.ref_model, add_eos=config.add_eos,
-                   start_step=start, overwrite=config.overwrite, metadata={"kind": "train", "train": config.describe()})
+                   start_step=start, overwrite=config.overwrite, metadata={"kind": "train", "train": config.describe()},
+                   optimizer=optimizer)
 
 
 def _set_rng(saved: dict[str, Any] | None, seed: int) -> None:

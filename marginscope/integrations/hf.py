@@ -30,8 +30,10 @@ log = logging.getLogger("marginscope")
 
 class TrackerCallback(TrainerCallback):
     """Tracker options as in `ms.Tracker` (params, engine, per_token, per_token_probes, top_k,
-    batch_size, padding_side, add_eos, ref_logp, overwrite, metadata); `tokenizer` defaults to the
-    trainer's processing class, `ref_model` to the trainer's reference model when attached."""
+    batch_size, padding_side, add_eos, ref_logp, overwrite, metadata, snapshot_device, optimizer);
+    `tokenizer` defaults to the trainer's processing class, `ref_model` to the trainer's reference
+    model when attached, `optimizer` to the trainer's (so the step before each record is split by
+    its formula)."""
 
     def __init__(self, probes, path: str | os.PathLike, every: int = 10, *, loss=None, tokenizer=None,
                  ref_model=None, **tracker_options: Any) -> None:
@@ -48,12 +50,13 @@ class TrackerCallback(TrainerCallback):
                             "for trl.DPOTrainer use TRLCallback, which reads it from the DPOConfig")
         return self.loss
 
-    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs):
         tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", None) or processing_class
+        options = {"optimizer": optimizer, **self.tracker_options}  # the trainer's, unless one was given
         self.tracker = Tracker(model, tokenizer, self.probes, self.path, self.resolve_loss(args), self.every,
                                ref_model=self.ref_model, start_step=state.global_step,
                                metadata={"trainer": type(self.trainer).__name__ if self.trainer else "unknown"},
-                               **self.tracker_options)
+                               **options)
         self._pending = dict(self.tracker.summary)
 
     def on_step_end(self, args, state, control, **kwargs):
