@@ -379,38 +379,41 @@ class Tracker:
     def _update_part(self, indices: list[int], captured: CapturedStep | None) -> dict[str, np.ndarray]:
         """This rank's share of the actual-update views: "actual_token" [n, R, T] (trapezoid over the
         interval since the previous record), "step" [n, R] and "step_parts" [n, R, P] (the step before
-        this record), each present only when measurable."""
+        this record), each present only when measurable. Vectors that are zero (no momentum yet, no
+        weight decay) are not differentiated along: their effect is 0."""
         encoded = [self.encoded[i] for i in indices]
         now = {n: p.detach() for n, p in zip(self.scope.names, self.scope.params)}
         on = lambda values: {n: v.to(now[n].device) for n, v in values.items()}  # noqa: E731
         opts = dict(batch_size=self.options["batch_size"], padding_side=self.options["padding_side"],
                     pad_id=self.pad_id)
-        tangents: list[dict[str, Tensor]] = []
-        if self._snapshot is not None:
-            before = on(self._snapshot)
-            tangents.append({n: now[n] - before[n] for n in now})
-        if captured is not None:
-            if captured.before is not None:
-                tangents.append({n: now[n] - v for n, v in on(captured.before).items()})
-            elif self._snapshot is None:
-                captured = None  # the interval's start was not kept: nothing to measure the step against
-            if captured is not None and captured.parts is not None:
-                tangents += [on(captured.parts[name]) for name in STEP_PARTS]
-        if not tangents:
+        vectors: dict[str, dict[str, Tensor]] = {}
+        before = on(self._snapshot) if self._snapshot is not None else None
+        if before is not None:
+            vectors["interval"] = {n: now[n] - before[n] for n in now}
+        if captured is not None and captured.before is not None:
+            vectors["step"] = {n: now[n] - v for n, v in on(captured.before).items()}
+        elif captured is not None and before is not None:
+            vectors["step"] = vectors["interval"]  # every = 1: the interval is the step
+        else:
+            captured = None  # the step's start was not kept: nothing to measure it against
+        if captured is not None and captured.parts is not None:
+            vectors.update({name: on(captured.parts[name]) for name in STEP_PARTS
+                            if any(bool(t.any()) for t in captured.parts[name].values())})
+        distinct = list({id(v): v for v in vectors.values()}.values())
+        if not distinct:
             return {}
-        _, at_now = directional_logp(self.model, encoded, tangents, **opts)
+        _, derivative = directional_logp(self.model, encoded, distinct, **opts)
+        at_now = {label: derivative[[id(d) for d in distinct].index(id(v))] for label, v in vectors.items()}
         out: dict[str, np.ndarray] = {}
-        if self._snapshot is not None:
-            _, at_prev = directional_logp(self.model, encoded, tangents[:1], at=before, **opts)
-            out["actual_token"] = trapezoid(at_prev[0], at_now[0])
+        if before is not None:
+            _, at_prev = directional_logp(self.model, encoded, [vectors["interval"]], at=before, **opts)
+            out["actual_token"] = trapezoid(at_prev[0], at_now["interval"])
         if captured is not None:
-            k = 1 if captured.before is not None and self._snapshot is not None else 0
-            sequence = _sequence(at_now)
-            out["step"] = sequence[k]
+            out["step"] = _sequence(at_now["step"])
             if captured.parts is not None:
-                parts = sequence[k + 1:k + 1 + len(STEP_PARTS)]
-                out["step_parts"] = np.concatenate([np.moveaxis(parts, 0, -1),
-                                                    (sequence[k] - parts.sum(0))[..., None]], axis=-1)
+                parts = np.stack([_sequence(at_now[name]) if name in at_now else np.zeros_like(out["step"])
+                                  for name in STEP_PARTS], axis=-1)
+                out["step_parts"] = np.concatenate([parts, (out["step"] - parts.sum(-1))[..., None]], axis=-1)
         return out
 
     def _score_only(self, encoded: list[EncodedProbe], token_logp: np.ndarray) -> None:

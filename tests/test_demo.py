@@ -34,6 +34,13 @@ def test_demo_writes_traces_figures_and_report(demo):
             assert tr.token_gram(0) is not None and tr.token_gram(2) is None
             assert len(tr.inrun()["step"]) == 4 * SMALL.dpo_batch
             np.testing.assert_allclose(s.chosen_trend, (tr.logp[-1, :, 0] - tr.logp[0, :, 0]).mean())
+            # what actually happened: the trainer's AdamW step split, the views measured at every record
+            assert tr.metadata["step_split"] == "torch.optim.adamw.AdamW"
+            assert np.isfinite(tr.actual_delta[1:]).all() and np.isfinite(tr.step_delta[1:]).all()
+            happened = ms.dynamics.classify_delta(tr.logp[-1] - tr.logp[0])
+            assert s.happened_fractions == {c: float(np.mean(happened == c)) for c in (1, 2, 3, 4)}
+            fit = ms.dynamics.summary.first_order_fit(tr.actual_delta[:, :, 0], tr.observed_delta[:, :, 0])
+            np.testing.assert_allclose(s.actual_r["chosen"], fit.r)
         assert abs(sum(s.case_fractions.values()) - 1) < 1e-9 or 0 in s.case_fractions
     assert (out / "report.html").stat().st_size > 10_000
     assert len(list((out / "figures").glob("*.png"))) > 10

@@ -30,12 +30,17 @@ def demo_command(
 
 
 def summary_table(summaries: list[StyleSummary]) -> Table:
-    """Per style: Case fractions at the last record, chosen/rejected trends, mean gradient cosine."""
+    """Per style: self-view Case fractions at the last record, chosen/rejected trends, mean gradient
+    cosine, the Case of what happened over the run, and the r of the self view and of the
+    actual-update first order against the observed changes (chosen / rejected)."""
     table = Table(title="DPO on sentiment probes: what happened to chosen and rejected, and why")
-    for column in ("style", "Case 1", "Case 2", "Case 3", "Case 4", "Δ log π chosen", "Δ log π rejected",
-                   "mean cos(a_w, a_l)", "trace"):
+    for column in ("style", "self view Case 1/2/3/4", "happened Case 1/2/3/4", "Δ log π chosen",
+                   "Δ log π rejected", "mean cos(a_w, a_l)", "r self view (w/l)", "r actual update (w/l)", "trace"):
         table.add_column(column, justify="left" if column in ("style", "trace") else "right")
+    fractions = lambda f: "/".join(f"{f[c]:.2f}" for c in (1, 2, 3, 4))  # noqa: E731
+    pair = lambda r: f"{r['chosen']:+.2f}/{r['rejected']:+.2f}"  # noqa: E731
     for s in summaries:
-        table.add_row(s.style, *(f"{s.case_fractions[c]:.2f}" for c in (1, 2, 3, 4)), f"{s.chosen_trend:+.3f}",
-                      f"{s.rejected_trend:+.3f}", f"{s.cosine_mean:+.3f}", str(s.trace))
+        table.add_row(s.style, fractions(s.case_fractions), fractions(s.happened_fractions), f"{s.chosen_trend:+.3f}",
+                      f"{s.rejected_trend:+.3f}", f"{s.cosine_mean:+.3f}", pair(s.self_r), pair(s.actual_r),
+                      str(s.trace))
     return table

@@ -8,7 +8,9 @@
 3. Per style (single, short, long): DPO on that style's pairs (`ms.train`), the reference being the SFT
    model, with the tracker recording the style's probes every few steps → `<out>/run-<style>.h5`.
 4. Figures and the HTML report of the three runs (`ms.plots`, `ms.report`), and a summary per style:
-   Case fractions, the chosen / rejected trend and the mean gradient cosine.
+   the self-view Case fractions, the chosen / rejected trend, the mean gradient cosine, the Case of
+   what happened (signs of the observed change over the run) and how well the self view and the
+   actual-update first order explain the observed changes (Pearson r).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from ..dynamics.summary import finite_mean
+from ..dynamics.coefficients import classify_delta
+from ..dynamics.summary import case_fractions, finite_mean, first_order_fit
 from ..errors import MarginscopeError
 from ..loading import load_model, load_tokenizer
 from ..probes import ProbeSet, sentiment, top
@@ -140,19 +143,31 @@ class StyleSummary:
 
     style: str
     trace: Path
-    case_fractions: dict[int, float]  # at the last record
+    case_fractions: dict[int, float]  # self view (one SGD step on the pair alone), at the last record
     chosen_trend: float  # mean Δ log π(chosen), first → last record
     rejected_trend: float
     cosine_mean: float  # mean over records and probes of cos(a_w, a_l)
+    happened_fractions: dict[int, float]  # Case by the signs of the observed change, first → last record
+    self_r: dict[str, float]  # Pearson r, self view at record s vs observed s → s+1, per response
+    actual_r: dict[str, float]  # Pearson r, actual-update first order vs observed, per response
 
 
 def summarize_style(style: str, path: Path) -> StyleSummary:
     with open_trace(path) as tr:
         summary = summarize(tr)
+        logp, names = tr.logp, tr.names
+        predicted, observed, actual = tr.predicted_delta, tr.observed_delta, tr.actual_delta
     last = summary.records[-1]
+    happened = classify_delta(logp[-1] - logp[0], names.index("chosen"), names.index("rejected"))
+    pick = ("chosen", "rejected")
     return StyleSummary(style, path, {c: last[f"case{c}_frac"] for c in (1, 2, 3, 4)},
                         summary.trend.get("chosen", float("nan")), summary.trend.get("rejected", float("nan")),
-                        finite_mean(np.array([r["cosine_mean"] for r in summary.records])))
+                        finite_mean(np.array([r["cosine_mean"] for r in summary.records])),
+                        case_fractions(happened),
+                        {n: first_order_fit(predicted[:-1, :, names.index(n)], observed[1:, :, names.index(n)]).r
+                         for n in pick},
+                        {n: first_order_fit(actual[:, :, names.index(n)], observed[:, :, names.index(n)]).r
+                         for n in pick})
 
 
 def style_run(config: DemoConfig, style: str, sft: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
