@@ -34,8 +34,9 @@ class CapturedStep:
 
 
 def inner_optimizer(optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer under accelerate's `AcceleratedOptimizer` (or any `.optimizer` wrapper)."""
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+    """The torch optimizer under accelerate's `AcceleratedOptimizer` (itself an `Optimizer` subclass
+    that only delegates) or any other `.optimizer` wrapper."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")

@@ -12,6 +12,7 @@ import marginscope as ms
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
+from oracles import flat_grad  # noqa: E402
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 
@@ -66,9 +67,27 @@ def test_dpo_trainer_trace_equals_measure_at_logged_steps(make_model, tokenizer,
             np.testing.assert_allclose(tr.d_l[s], dyn.d_l, rtol=1e-5)
             np.testing.assert_array_equal(tr.case[s], dyn.case)
         assert np.abs(tr.logp[-1] - tr.logp[0]).max() > 1e-3  # training moved the probes
+        # the trainer's own optimizer split the step before each record; the last interval's first
+        # order equals flattened gradients dotted with the saved parameter change (float32)
+        assert tr.metadata["step_split"] == "torch.optim.adamw.AdamW"
+        assert np.isfinite(tr.step_delta[1:]).all() and np.isfinite(tr.actual_delta[1:]).all()
+        total = sum(tr.step_parts.values())
+        np.testing.assert_allclose(total[1:], tr.step_delta[1:], rtol=1e-9, atol=1e-12)
+        assert np.abs(tr.step_parts["residual"][1:]).max() < 1e-3 * np.abs(tr.step_delta[1:]).max()
+        names = [n for n, _ in model.named_parameters()]
+        flat = lambda state: torch.cat([state[n].reshape(-1).double() for n in names])  # noqa: E731
+        delta = flat(snapshots.states[12]) - flat(snapshots.states[9])
+        ends = []
+        for step in (9, 12):
+            m = make_model("gpt2", dtype=torch.float32)
+            m.load_state_dict(snapshots.states[step])
+            ends.append(np.array([[float(flat_grad(m, names, e.prompt_ids, r) @ delta) for r in e.response_ids]
+                                  for e in ms.dynamics.encode(tokenizer, probes)]))
+        np.testing.assert_allclose(tr.actual_delta[-1], 0.5 * (ends[0] + ends[1]), rtol=1e-3, atol=1e-6)
     logged = [h for h in trainer.state.log_history if "marginscope/cosine_mean" in h]
     assert [h["step"] for h in logged] == [1, 3, 6, 9, 12]
     assert {"marginscope/case1_frac", "marginscope/logp_chosen_mean", "marginscope/logp_top_mean"} <= set(logged[0])
+    assert {"marginscope/actual_r_chosen", "marginscope/case_agree_actual_observed"} <= set(logged[-1])
 
 
 def test_dpo_trainer_parameters_bit_identical_with_the_callback(make_model, tokenizer, probes, tmp_path):

@@ -319,3 +319,16 @@ def test_accelerate_wrapped_optimizer_is_unwrapped(make_model):
     assert inner_optimizer(Wrapper()) is inner
     with pytest.raises(TypeError, match="expected a torch.optim.Optimizer"):
         inner_optimizer(object())
+
+
+@pytest.mark.parametrize("variant", [{"foreach": True}, {"fused": True}])
+def test_foreach_and_fused_adamw_split_exactly(make_model, tokenizer, probes, tmp_path, variant):
+    model = make_model("gpt2")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1, **variant)
+    with ms.Tracker(model, tokenizer, probes[:1], tmp_path / "run.h5", loss="dpo", every=2,
+                    optimizer=optimizer) as tracker:
+        _train(model, tokenizer, optimizer, 4, tracker)
+    with ms.trace.open(tmp_path / "run.h5") as tr:
+        parts = tr.step_parts
+        assert np.isfinite(tr.step_delta[1:]).all() and (np.abs(parts["momentum"][2]) > 0).all()
+        assert np.abs(parts["residual"][1:]).max() <= 1e-9 * np.abs(tr.step_delta[1:]).max()

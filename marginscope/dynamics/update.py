@@ -17,7 +17,8 @@ forward-mode derivative. Numbers are computed in the model's dtype and returned 
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import contextlib
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +42,25 @@ class _Substituted:
 
     def __call__(self, **kwargs):
         return functional_call(self.model, dict(self.values), (), kwargs, tie_weights=True, strict=False)
+
+
+@contextlib.contextmanager
+def _input_require_grads_off(model: nn.Module) -> Iterator[None]:
+    """HF's `enable_input_require_grads` forward hook (set with gradient checkpointing and PEFT, at
+    times more than once) calls `requires_grad_` inside the forward, which torch.func refuses: every
+    such hook is left out for the pass and each module's hooks are put back exactly as they were."""
+    saved = []
+    for module in model.modules():
+        hooks = module._forward_hooks
+        if any(getattr(h, "__name__", "") == "make_inputs_require_grads" for h in hooks.values()):
+            saved.append((module, hooks))
+            module._forward_hooks = type(hooks)(
+                (k, h) for k, h in hooks.items() if getattr(h, "__name__", "") != "make_inputs_require_grads")
+    try:
+        yield
+    finally:
+        for module, hooks in saved:
+            module._forward_hooks = hooks
 
 
 def _token_tangents(model: nn.Module, rows, at: ParamDict, tangents: Sequence[ParamDict], *,
@@ -91,7 +111,7 @@ def directional_logp(model: nn.Module, encoded: Sequence[EncodedProbe], tangents
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), _input_require_grads_off(model):
             for start in range(0, n_probes, batch_size):
                 chunk = encoded[start:start + batch_size]
                 rows = [row for probe in chunk for row in probe.rows()]
