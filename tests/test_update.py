@@ -321,10 +321,20 @@ def test_accelerate_wrapped_optimizer_is_unwrapped(make_model):
         inner_optimizer(object())
 
 
-@pytest.mark.parametrize("variant", [{"foreach": True}, {"fused": True}])
-def test_foreach_and_fused_adamw_split_exactly(make_model, tokenizer, probes, tmp_path, variant):
+def _param_groups(params):
+    params = list(params)
+    return [{"params": params[::2], "lr": 3e-3, "weight_decay": 0.2}, {"params": params[1::2], "lr": 1e-3}]
+
+
+@pytest.mark.parametrize("variant", ["foreach", "fused", "param groups"])
+def test_adamw_variants_split_exactly(make_model, tokenizer, probes, tmp_path, variant):
+    """The formula's parts leave no residual of the real update: foreach and fused kernels, and param
+    groups with their own learning rate and weight decay."""
     model = make_model("gpt2")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1, **variant)
+    if variant == "param groups":
+        optimizer = torch.optim.AdamW(_param_groups(model.parameters()), lr=2e-3, weight_decay=0.1)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1, **{variant: True})
     with ms.Tracker(model, tokenizer, probes[:1], tmp_path / "run.h5", loss="dpo", every=2,
                     optimizer=optimizer) as tracker:
         _train(model, tokenizer, optimizer, 4, tracker)
