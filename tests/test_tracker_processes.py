@@ -78,10 +78,15 @@ def test_two_gloo_processes_write_the_same_trace_as_one(tmp_path):
     with ms.trace.open(tmp_path / "one.h5") as one, ms.trace.open(tmp_path / "two.h5") as two:
         np.testing.assert_array_equal(one.steps, two.steps)
         assert two.metadata["world_size"] == 2
-        for field in ("logp", "token_logp", "gram", "d_w", "d_l", "predicted_delta", "observed_delta"):
+        for field in ("logp", "token_logp", "gram", "d_w", "d_l", "predicted_delta", "observed_delta",
+                      "actual_delta", "actual_token_delta", "step_delta"):
             np.testing.assert_allclose(getattr(two, field), getattr(one, field), rtol=1e-9, atol=1e-12,
                                        err_msg=field)
+        for part, values in two.step_parts.items():
+            np.testing.assert_allclose(values, one.step_parts[part], rtol=1e-9, atol=1e-12, err_msg=part)
+        assert np.isfinite(two.step_delta[1:]).all() and np.isfinite(two.step_parts["gradient"][1:]).all()
         np.testing.assert_array_equal(two.case, one.case)
+        np.testing.assert_array_equal(two.case_actual, one.case_actual)
         np.testing.assert_array_equal(two.topk_ids, one.topk_ids)
         np.testing.assert_allclose(two.token_gram(1)["gram"], one.token_gram(1)["gram"], rtol=1e-9)
         a, b = one.inrun(), two.inrun()

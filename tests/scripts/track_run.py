@@ -61,7 +61,8 @@ def main() -> None:
     n = len(mine)
     lengths = torch.tensor([[len(e.response_ids[0]), len(e.response_ids[1])] for e in mine], dtype=torch.float64)
     tracker = ms.Tracker(trained, tokenizer, probes, opts.out, loss=loss, every=opts.every, top_k=3,
-                         batch_size=2, start_step=opts.resume_from, per_token="head", per_token_probes=["b"])
+                         batch_size=2, start_step=opts.resume_from, per_token="head", per_token_probes=["b"],
+                         optimizer=opt)
     model.train()
     for step in range(opts.resume_from + 1, opts.steps + 1):
         with tracker.in_run(n_pairs=n) as geo:
