@@ -128,11 +128,11 @@ def token_update(trace: TraceLike, *, probe: str | None = None, step: int | None
         token = finite(tr.actual_token_delta)
         with_data = [n for n in range(token.shape[1]) if np.isfinite(token[:, n]).any()]
         title = f"Per-position update · {label}"
-        if not len(steps):
-            return message_figure(title, "no records yet")
+        if len(steps) < 2:
+            return message_figure(title, "no records yet" if not len(steps) else
+                                  "needs two records (the update is between consecutive records)")
         if probe is None and not with_data:
-            return message_figure(title, f"{NOT_RECORDED}; per position it needs two records and the per-token "
-                                         "log-probs")
+            return message_figure(title, NOT_RECORDED)
         n = probe_index(tr, probe, default=with_data[0] if with_data else 0)
         s = step_index(tr, steps, step)
         rs = [names.index("chosen"), names.index("rejected")]
