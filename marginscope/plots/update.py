@@ -14,7 +14,7 @@ from matplotlib.patches import Patch
 from ..trace.summary import intervals
 from ._data import (TraceLike, differing_tokens, finite, load_tokenizer_like, nanmean, opened, position_regions,
                     probe_index, probe_slice, response_token_labels, run_label, step_index, update_segments)
-from ._style import corner_text, footnote, message_figure, new_figure, note, response_colors, themed
+from ._style import corner_text, footnote, message_figure, new_figure, response_colors, themed
 from .tokens import DIFF_COLOR, token_ticks
 from .validity import NOT_RECORDED
 
@@ -31,6 +31,11 @@ SEGMENTS = {
 _REST_ALONE = "first order along the update (its last step not captured: no optimizer given)"
 
 
+def _segment(name: str) -> tuple[str, str]:
+    """Legend text and colour of a share (a step part the table does not name: its name, grey)."""
+    return SEGMENTS.get(name, (f"last step: {name}", "#79706e"))
+
+
 def _stacked(ax: Axes, x: np.ndarray, width: float, shares: dict[str, np.ndarray]) -> list[str]:
     """Signed stacked bars [S'] per share (positive shares up from 0, negative ones down); the
     shares drawn (those not 0 everywhere)."""
@@ -41,7 +46,7 @@ def _stacked(ax: Axes, x: np.ndarray, width: float, shares: dict[str, np.ndarray
         if not np.any(v):
             continue
         bottom = np.where(v >= 0, up, down)
-        ax.bar(x, v, width, bottom=bottom, color=SEGMENTS[name][1], label=name, lw=0)
+        ax.bar(x, v, width, bottom=bottom, color=_segment(name)[1], label=name, lw=0)
         up, down = up + np.clip(v, 0, None), down + np.clip(v, None, 0)
         drawn.append(name)
     return drawn
@@ -93,13 +98,13 @@ def why_moved(trace: TraceLike, *, probe: str | None = None) -> Figure:
         elif np.isfinite(observed_all[:, j]).any():
             ax.plot(iv.end, observed_all[:, j], color="black", marker="o", ms=3.5, lw=1.2, label="observed")
             corner_text(ax, "not explained: no interval where both the observed change and the first order are finite")
-        else:
-            note(ax, "no finite observed change")
+        else:  # a corner text, not a note: the panels share their x axis
+            corner_text(ax, "no finite observed change")
         ax.set_ylabel("Δlog π (nats)")
     axes[-1].set_xlabel("step ending the interval")
     handles = [Line2D([], [], color="black", marker="o", ms=3.5, lw=1.2, label="observed Δlog π over the interval"
                       + (" (= sum of the bars)" if drawn else ""))]
-    handles += [Patch(color=SEGMENTS[k][1], label=_REST_ALONE if k == "rest" and not captured else SEGMENTS[k][0])
+    handles += [Patch(color=_segment(k)[1], label=_REST_ALONE if k == "rest" and not captured else _segment(k)[0])
                 for k in shares if k in drawn]
     fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=7.5)
     caveat = ("Each interval is one optimizer step: the step parts cover it, and the rest is the trapezoid's "
