@@ -329,7 +329,8 @@ def test_first_order_fit_and_figure(tmp_path):
             offsets = [c for c in ax.collections if isinstance(c, PathCollection)][0].get_offsets()
             np.testing.assert_allclose(sorted(map(tuple, offsets)), sorted(zip(x.ravel(), obs[..., j].ravel())))
         assert first_order_fit(actual[..., j], obs[..., j]).r > 0.9  # the factory's actual view explains it
-        assert [line.get_label() for line in ax_actual.lines if line.get_linestyle() == ":"] == ["observed = first order"]
+        dotted = [line.get_label() for line in ax_actual.lines if line.get_linestyle() == ":"]
+        assert dotted == ["observed = first order"]
     with strict():
         one = ms.plots.first_order(path, probe="q2")
     offsets = [c for c in one.axes[1].collections if isinstance(c, PathCollection)][0].get_offsets()

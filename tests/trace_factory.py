@@ -133,7 +133,8 @@ def _update_views(rng: np.random.Generator, observed: np.ndarray, lengths: np.nd
     k = max(int(steps[s] - steps[s - 1]), 1) if s else 1
     last = actual / k
     parts = np.stack([last * rng.uniform(0.8, 1.2, (n, r)), 0.3 * last * rng.normal(size=(n, r)),
-                      -0.02 * np.abs(last) * rng.uniform(size=(n, r)), 1e-9 * rng.normal(size=(n, r)) + 0 * last], axis=-1)
+                      -0.02 * np.abs(last) * rng.uniform(size=(n, r)),
+                      1e-9 * rng.normal(size=(n, r)) + 0 * last], axis=-1)  # 0 * last: NaN where it is
     assert parts.shape[-1] == len(STEP_PART_NAMES)  # gradient, momentum, weight_decay, residual
     return {"actual_delta": actual, "actual_token_delta": token, "step_delta": parts.sum(-1), "step_parts": parts,
             "case_observed": ms.dynamics.classify_delta(observed), "case_actual": ms.dynamics.classify_delta(actual)}

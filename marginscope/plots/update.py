@@ -121,12 +121,13 @@ def why_moved(trace: TraceLike, *, probe: str | None = None) -> Figure:
 def token_update(trace: TraceLike, *, probe: str | None = None, step: int | None = None,
                  tokenizer: Any | None = None) -> Figure:
     """Which positions the update moved, for one probe (default: the first whose per-token
-    actual-update change is recorded) over the interval ending at `step` (default: the last record): at every position t of chosen and
-    rejected, the actual-update first order of log π(y_t | x, y_<t) (bars, nats; `tr.actual_token_delta`,
-    the trapezoid rule of DESIGN.md §2b per token) and the observed change of the token's log-prob
-    (dots). The tokens that make the two responses differ (`differing_tokens`) are shaded, their labels
-    bold red; the corner gives the sums before, at and after them (the positions of margin-pitfalls
-    Theorem 3). Tokens are decoded with `tokenizer` (object or directory), else shown as ids."""
+    actual-update change is recorded) over the interval ending at `step` (default: the last record):
+    at every position t of chosen and rejected, the actual-update first order of log π(y_t | x, y_<t)
+    (bars, nats; `tr.actual_token_delta` [S, N, R, T], the trapezoid rule of DESIGN.md §2b per token)
+    and the observed change of the token's log-prob (dots). The tokens that make the two responses
+    differ (`differing_tokens`) are shaded, their labels bold red; the corner gives the sums before, at
+    and after them (the positions of margin-pitfalls Theorem 3). Tokens are decoded with `tokenizer`
+    (object or directory), else shown as ids."""
     tokenizer = load_tokenizer_like(tokenizer)
     with opened(trace) as tr:
         label, steps, names = run_label(tr), tr.steps, tr.names

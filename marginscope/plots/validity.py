@@ -16,8 +16,10 @@ from ._style import STEP_CMAP, corner_text, message_figure, new_figure, note, re
 NOT_RECORDED = ("actual-update first order not recorded in this trace (a version-2 trace, or the tracker's "
                 "update measurement failed; ms.Tracker records it at every record after the first)")
 _VIEWS = {
-    "self": ("self view", "predicted Δlog π per unit learning rate\n(one step on the pair alone, at the start record)"),
-    "actual": ("actual update", "first order along the actual update (nats)\n½⟨a(θ_start) + a(θ_end), θ_end − θ_start⟩"),
+    "self": ("self view",
+             "predicted Δlog π per unit learning rate\n(one step on the pair alone, at the start record)"),
+    "actual": ("actual update",
+               "first order along the actual update (nats)\n½⟨a(θ_start) + a(θ_end), θ_end − θ_start⟩"),
 }
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ..dynamics.summary import case_agreement, case_fractions, finite_mean, first_order_fit, inrun_summary, record_summary
+from ..dynamics.summary import (case_agreement, case_fractions, finite_mean, first_order_fit, inrun_summary,
+                                record_summary)
 from .schema import Trace
 
 
