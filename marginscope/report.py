@@ -23,7 +23,7 @@ from . import plots
 from .errors import MarginscopeError
 from .plots._data import Traces, as_list, load_tokenizer_like, opened_all, run_label
 from .trace.schema import Trace
-from .trace.summary import TraceSummary, summarize
+from .trace.summary import TraceSummary, agreement_tables, summarize
 
 REPORT_DPI = 110
 _MAX_ROWS = 12
@@ -47,16 +47,25 @@ CAPTIONS = {
     "mass_shift": "(a) mean change of log π(y_w), log π(y_l) and of the top output y*; (b) the tokens that "
                   "gained the most probability within the recorded top-k; (c, d) per position, the probability of "
                   "the argmax token and of the target token, first record against the last.",
-    "first_order": "Predicted Δlog π per unit learning rate (one step on the pair alone) against the observed "
-                   "change to the next record; line: least-squares fit through 0 (η̂), r: correlation, sign: "
-                   "share of points whose signs agree.",
+    "first_order": "Per response, the self view (predicted Δlog π per unit learning rate, one step on the pair "
+                   "alone, at the interval's start) and the first order along the actual update, each against "
+                   "the observed change over the interval; line: least-squares fit through 0 (η̂, slope), dotted: "
+                   "observed = first order, r: correlation, sign: share of points whose signs agree.",
+    "why_moved": "Per response, the observed Δlog π of every interval between records (black) as the sum of the "
+                 "last optimizer step's parts (gradient, momentum, weight decay), the rest of the first order along "
+                 "the actual update (earlier steps of the interval) and the curvature residual (observed − first "
+                 "order); mean over probes. The step parts cover the last step of each interval only.",
+    "token_update": "Per position of chosen and rejected, the first-order change along the actual update (bars) "
+                    "and the observed change of each token's log-prob (dots); shaded, red labels: the tokens "
+                    "that differ; corner: the sums before, at and after them.",
     "compare_runs": "The runs on shared axes: mean log-probs, gradient cosine, Case 1 / Case 2 shares and the "
                     "margin change.",
 }
 TITLES = {"case_map": "Case map", "case_fractions": "Case fractions", "logp_trajectories": "Log-prob trajectories",
           "gradient_geometry": "Gradient geometry", "token_heatmap": "Per-token heatmap",
           "token_heatmap_steps": "Per-token heatmaps over steps", "mass_shift": "Mass shift",
-          "first_order": "First-order validity", "compare_runs": "Comparison of runs"}
+          "first_order": "First-order validity", "why_moved": "Why did it move",
+          "token_update": "Per-position update", "compare_runs": "Comparison of runs"}
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#222;background:#fafafa}
@@ -127,12 +136,24 @@ def _records_table(summary: TraceSummary) -> str:
     return _table(header, rows) + f'<p class="muted">{shown}; Case columns are shares of the probes.</p>'
 
 
+def _agreement_section(summary: TraceSummary) -> str:
+    """The agreement of the views over the run: the tables `marginscope inspect` prints."""
+    tables = agreement_tables(summary.agreement)
+    if not tables:
+        return ""
+    parts = ["<h3>What happened: the views against the observed change</h3>"]
+    for title, header, rows, caption in tables:
+        parts.append(f'<p><b>{_e(title)}</b></p>{_table(header, rows, left=1 if header[0] != "response" else 2)}'
+                     f'<p class="muted">{_e(caption)}.</p>')
+    return "\n".join(parts)
+
+
 def _run_section(anchor: str, tr: Trace, label: str, summary: TraceSummary, options: dict[str, Any]) -> str:
     meta_rows = [[k, v] for k, v in sorted(summary.metadata.items())]
     parts = [f'<section id="{_e(anchor)}"><h2>{_e(label)}</h2>',
              f'<p class="muted">{_e(tr.path)}</p>',
              f"<details open><summary>Run metadata</summary>{_table(['key', 'value'], meta_rows, left=2)}</details>",
-             "<h3>Records</h3>", _records_table(summary), "<h3>Figures</h3>"]
+             "<h3>Records</h3>", _records_table(summary), _agreement_section(summary), "<h3>Figures</h3>"]
     parts += [_figure(f"{anchor}-{name}", name, fig) for name, fig in plots.run_figures(tr, **options)]
     parts.append("</section>")
     return "\n".join(parts)

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import marginscope as ms
 from marginscope.cli import app
+from trace_factory import make_trace
 
 runner = CliRunner()
 
@@ -46,6 +47,67 @@ def test_inspect_prints_the_run_and_its_records(make_model, tokenizer, probes, t
         np.testing.assert_allclose(data["records"][-1]["logp_chosen_mean"], tr.logp[-1, :, w].mean())
         np.testing.assert_allclose(data["trend"]["rejected"], (tr.logp[-1, :, 1] - tr.logp[0, :, 1]).mean())
         assert abs(sum(data["records"][0][f"case{c}_frac"] for c in (1, 2, 3, 4)) - 1) < 1e-12
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    ok = np.isfinite(x) & np.isfinite(y)
+    return float(np.corrcoef(x[ok], y[ok])[0, 1])
+
+
+def test_inspect_prints_the_agreement_of_the_views(make_model, tokenizer, probes, tmp_path):
+    """Over the run: r, slope and sign of the self view (at each interval's start) and of the actual
+    update against the observed change, recomputed by hand; Case shares of the three views and
+    their agreement."""
+    path = _trace(make_model, tokenizer, probes, tmp_path / "run.h5")
+    result = runner.invoke(app, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    agreement = json.loads(result.output)["agreement"]
+    with ms.trace.open(path) as tr:
+        pred, obs, actual = tr.predicted_delta[:-1], tr.observed_delta[1:], tr.actual_delta[1:]
+        case, case_obs, case_act = tr.case[:-1], tr.case_observed[1:], tr.case_actual[1:]
+        names = tr.names
+    assert agreement["intervals"] == 3 and agreement["actual_recorded"] is True
+    for j, name in enumerate(names):
+        fits = agreement["fits"][name]
+        np.testing.assert_allclose(fits["actual"]["r"], _pearson(actual[..., j], obs[..., j]))
+        np.testing.assert_allclose(fits["self"]["r"], _pearson(pred[..., j], obs[..., j]))
+        a, o = actual[..., j].ravel(), obs[..., j].ravel()
+        np.testing.assert_allclose(fits["actual"]["slope"], a @ o / (a @ a))
+        assert fits["actual"]["sign_agreement"] == np.mean(np.sign(a) == np.sign(o)) and fits["actual"]["n"] == 9
+        assert fits["actual"]["r"] > 0.9  # the weights shrink smoothly: the first order holds
+    for view, c in (("self", case), ("observed", case_obs), ("actual", case_act)):
+        shares = agreement["cases"][view]
+        assert [shares[f"case{k}_frac"] for k in (1, 2, 3, 4)] == [np.mean(c == k) for k in (1, 2, 3, 4)]
+        assert shares["undetermined_frac"] == np.mean(c == 0)
+    both = (case_act != 0) & (case_obs != 0)
+    assert agreement["case_agreement"]["actual_observed"] == np.mean(case_act[both] == case_obs[both])
+    both = (case != 0) & (case_obs != 0)
+    assert agreement["case_agreement"]["self_observed"] == np.mean(case[both] == case_obs[both])
+
+    table = runner.invoke(app, ["inspect", str(path)], terminal_width=200).output
+    chosen = agreement["fits"]["chosen"]
+    assert "first order against the observed change" in table and "Cases of the three views" in table
+    assert f"│ chosen   │ actual update (first order)            │ {chosen['actual']['r']:+.2f} │" in table
+    assert f"{chosen['self']['slope']:.3g}" in table
+    row = next(line for line in table.splitlines() if "actual update & observed" in line)
+    assert row.split("│")[2].strip() == f"{agreement['case_agreement']['actual_observed']:.0%}"
+
+
+def test_inspect_without_the_actual_update_views(tmp_path):
+    """A trace without the actual-update views (as a version-2 trace reads): the self view's numbers,
+    the others undefined and said so; one record: no agreement table."""
+    path = make_trace(tmp_path / "old.h5", update=False)
+    result = runner.invoke(app, ["inspect", str(path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "the actual-update view is not recorded in this trace" in text
+    data = json.loads(runner.invoke(app, ["inspect", str(path), "--json"]).output)["agreement"]
+    assert data["actual_recorded"] is False and data["fits"]["chosen"]["actual"]["n"] == 0
+    assert data["fits"]["chosen"]["self"]["n"] == 12 and data["cases"]["actual"]["undetermined_frac"] == 1.0
+    one = make_trace(tmp_path / "one.h5", steps=(0,))
+    result = runner.invoke(app, ["inspect", str(one)])
+    assert result.exit_code == 0 and "Cases agree" not in result.output
+    assert json.loads(runner.invoke(app, ["inspect", str(one), "--json"]).output)["agreement"] == {}
 
 
 def test_inspect_rejects_what_is_not_a_trace(tmp_path):

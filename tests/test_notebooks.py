@@ -69,6 +69,9 @@ def test_token_heatmaps_notebook(run_dir, monkeypatch):
 def test_case_diagnostics_notebook(run_dir, monkeypatch):
     nb = _execute("case_diagnostics.ipynb", {"MARGINSCOPE_TRACE": str(run_dir / "run.h5"),
                                              "MARGINSCOPE_COMPARE": str(run_dir / "other.h5")}, monkeypatch)
-    assert _images(nb) == 8 and _stderr(nb) == ""
+    assert _images(nb) == 9 and _stderr(nb) == ""
     text = "".join(out.get("text", "") for out in _outputs(nb))
     assert "loss dpo" in text and "no other run to compare" not in text
+    assert "first order against the observed change" in text and "Cases agree" in text
+    tables = [out["data"]["text/html"] for out in _outputs(nb) if "text/html" in out.get("data", {})]
+    assert any("actual update (first order)" in t for t in tables)

@@ -19,6 +19,7 @@ import marginscope as ms
 from marginscope.cli import app
 from marginscope.dynamics.summary import first_order_fit
 from marginscope.plots import _data
+from marginscope.trace.summary import Intervals
 from trace_factory import EDGE_CASES, make_trace, tracked_trace
 
 runner = CliRunner()
@@ -76,9 +77,9 @@ def test_every_figure_for_every_loss(loss, tmp_path):
 @pytest.mark.parametrize("edge", sorted(EDGE_CASES))
 def test_every_figure_for_edge_traces(edge, tmp_path):
     figures = draw_every_figure(make_trace(tmp_path / f"{edge}.h5", **EDGE_CASES[edge]))
-    text = {name: all_text(fig) for name, fig in figures.items()}
+    text = {name: " ".join(all_text(fig).split()) for name, fig in figures.items()}  # notes are wrapped
     if EDGE_CASES[edge].get("steps") == (0,):
-        assert "needs two records" in text["first_order"]
+        assert all("needs two records" in text[name] for name in ("first_order", "why_moved", "token_update"))
         assert "one record" in text["mass_shift"] and "one record" in text["logp_trajectories"]
     if EDGE_CASES[edge].get("per_token") == ():
         assert "no per-token Gram" in text["token_heatmap"] and "no per-token Gram" in text["token_heatmap_steps"]
@@ -90,6 +91,18 @@ def test_every_figure_for_edge_traces(edge, tmp_path):
         assert "no 'top' response" in text["mass_shift"]
     if edge == "nan":
         assert "undefined (NaN or zero norm)" in text["case_map"]
+    if edge == "no_update":  # as a version-2 trace reads: the self view only
+        assert text["first_order"].count("actual-update first order not recorded") == 3
+        assert "η̂ = " in text["first_order"] and "slope = " not in text["first_order"]
+        assert "Not explained: actual-update first order not recorded" in text["why_moved"]
+        assert not [c for c in figures["why_moved"].axes[0].containers]
+        assert "actual-update first order not recorded" in text["token_update"]
+    elif EDGE_CASES[edge].get("steps") != (0,):
+        assert "slope = " in text["first_order"] and "not recorded" not in text["first_order"]
+        assert "cover only the last optimizer step of each interval" in text["why_moved"]
+        # the NaN trace's first probe has no change at the last record
+        assert ("Σ at the differing tokens" in text["token_update"]) == (edge != "nan")
+        assert ("no actual-update change at this record" in text["token_update"]) == (edge == "nan")
 
 
 def test_figures_of_a_trace_with_no_records(tmp_path, probes, tokenizer):
@@ -301,13 +314,144 @@ def test_first_order_fit_and_figure(tmp_path):
     with strict():
         fig = ms.plots.first_order(path)
     with ms.trace.open(path) as tr:
-        pred, obs = tr.predicted_delta[:-1, :, 0], tr.observed_delta[1:, :, 0]
-    expected = first_order_fit(pred, obs)
-    ax = fig.axes[0]
-    assert ax.get_title() == "chosen" and "per unit learning rate" in ax.get_xlabel()
-    assert f"η̂ = {expected.slope:.3g}" in all_text(fig) and f"r = {expected.r:.2f}" in all_text(fig)
-    offsets = [c for c in ax.collections if isinstance(c, PathCollection)][0].get_offsets()
-    np.testing.assert_allclose(np.sort(offsets[:, 0]), np.sort(pred.ravel()))
+        pred, obs, actual = tr.predicted_delta[:-1], tr.observed_delta[1:], tr.actual_delta[1:]
+        names = tr.names
+    panels = [ax for ax in fig.axes if " · " in ax.get_title()]
+    assert [ax.get_title() for ax in panels] == [f"{n} · {v}" for n in names for v in ("self view", "actual update")]
+    for j in range(len(names)):
+        ax_self, ax_actual = panels[2 * j], panels[2 * j + 1]
+        assert "per unit learning rate" in ax_self.get_xlabel() and "actual update (nats)" in ax_actual.get_xlabel()
+        for ax, x, symbol in ((ax_self, pred[..., j], "η̂"), (ax_actual, actual[..., j], "slope")):
+            expected = first_order_fit(x, obs[..., j])
+            text = all_text_of(ax)
+            assert f"{symbol} = {expected.slope:.3g}" in text and f"r = {expected.r:.2f}" in text
+            assert f"sign = {expected.sign_agreement:.0%}" in text and f"n = {expected.n}" in text
+            offsets = [c for c in ax.collections if isinstance(c, PathCollection)][0].get_offsets()
+            np.testing.assert_allclose(sorted(map(tuple, offsets)), sorted(zip(x.ravel(), obs[..., j].ravel())))
+        assert first_order_fit(actual[..., j], obs[..., j]).r > 0.9  # the factory's actual view explains it
+        dotted = [line.get_label() for line in ax_actual.lines if line.get_linestyle() == ":"]
+        assert dotted == ["observed = first order"]
+    with strict():
+        one = ms.plots.first_order(path, probe="q2")
+    offsets = [c for c in one.axes[1].collections if isinstance(c, PathCollection)][0].get_offsets()
+    np.testing.assert_allclose(offsets[:, 0], actual[:, 2, 0])
+
+
+def all_text_of(ax) -> str:
+    return "\n".join(t.get_text() for t in ax.findobj(Text))
+
+
+def _segments_by_hand(path, probe: int | None = None):
+    """The shares of the observed change recomputed from the trace (DESIGN §2b): the last step's
+    parts, actual − step_delta, observed − actual; means over the probes (or one probe)."""
+    with ms.trace.open(path) as tr:
+        sel = slice(None) if probe is None else slice(probe, probe + 1)
+        obs, actual, step = tr.observed_delta[1:, sel], tr.actual_delta[1:, sel], tr.step_delta[1:, sel]
+        parts = {k: v[1:, sel] for k, v in tr.step_parts.items()}
+    shares = {**parts, "rest": actual - step, "curvature": obs - actual}
+    return {k: np.nanmean(v, axis=1) for k, v in shares.items()}, np.nanmean(obs, axis=1)
+
+
+@pytest.mark.parametrize("probe", [None, "q1"])
+def test_why_moved_bars_add_up_to_the_observed_change(tmp_path, probe):
+    path = make_trace(tmp_path / "run.h5", nan=True)
+    with strict():
+        fig = ms.plots.why_moved(path, probe=probe)
+    expected, observed = _segments_by_hand(path, None if probe is None else 1)
+    with ms.trace.open(path) as tr:
+        names, steps = tr.names, tr.steps
+    panels = fig.axes[:len(names)]
+    assert [ax.get_title() for ax in panels] == names
+    for j, ax in enumerate(panels):
+        bars = {c.get_label(): c for c in ax.containers}
+        assert set(bars) == {"gradient", "momentum", "weight_decay", "residual", "rest", "curvature"}
+        for name, container in bars.items():
+            np.testing.assert_allclose([b.get_x() + b.get_width() / 2 for b in container], steps[1:])
+            np.testing.assert_allclose(container.datavalues, expected[name][:, j], rtol=1e-9, atol=1e-15)
+        total = np.sum([c.datavalues for c in bars.values()], axis=0)
+        np.testing.assert_allclose(total, observed[:, j], rtol=1e-9)  # the shares add up to what happened
+        line = [l for l in ax.lines if l.get_label() == "observed"][0]
+        np.testing.assert_allclose(line.get_ydata(), observed[:, j])
+        for container in bars.values():  # stacked: positive shares above 0, negative ones below
+            for bar in container:
+                assert (bar.get_y() >= 0) if bar.get_height() >= 0 else (bar.get_y() <= 0)
+    text = " ".join(all_text(fig).split())  # footnotes are wrapped
+    assert "Optimizer split: AdamW" in text and "(records are more than one step apart)" in text
+    assert ("mean over 4 probes" in text) == (probe is None) and ("probe q1" in text) == (probe is not None)
+
+
+def test_why_moved_one_step_intervals(tmp_path):
+    path = make_trace(tmp_path / "run.h5", steps=range(0, 5))
+    with strict():
+        text = " ".join(all_text(ms.plots.why_moved(path)).split())
+    assert "Each interval is one optimizer step" in text and "cover only the last" not in text
+
+
+def test_update_segments_fall_back_without_the_split():
+    """One interval, three probes: split (AdamW), captured but unsplit, not captured; the shares
+    always sum to the observed change."""
+    nan = np.nan
+
+    def part(*values: float) -> np.ndarray:  # [1 interval, 3 probes, 1 response]
+        return np.array(values, dtype=float).reshape(1, 3, 1)
+
+    iv = Intervals(start=np.array([0]), end=np.array([1]), predicted=part(0, 0, 0), observed=part(1.0, 2.0, 3.0),
+                   actual=part(0.9, 1.8, 2.5), step_delta=part(0.6, 1.0, nan),
+                   step_parts={"gradient": part(0.5, nan, nan), "momentum": part(0.2, nan, nan),
+                               "weight_decay": part(-0.1, nan, nan), "residual": part(0.0, nan, nan)},
+                   case_self=np.zeros((1, 3)), case_observed=np.zeros((1, 3)), case_actual=np.zeros((1, 3)))
+    shares, valid = _data.update_segments(iv)
+    assert list(shares) == ["gradient", "momentum", "weight_decay", "residual", "last_step", "rest", "curvature"]
+    assert valid.all()
+    got = {k: v.ravel().tolist() for k, v in shares.items()}
+    assert got["gradient"] == [0.5, 0.0, 0.0] and got["last_step"] == [0.0, 1.0, 0.0]
+    np.testing.assert_allclose(got["rest"], [0.3, 0.8, 2.5])
+    np.testing.assert_allclose(got["curvature"], [0.1, 0.2, 0.5])
+    np.testing.assert_allclose(sum(np.asarray(v) for v in got.values()), [1.0, 2.0, 3.0])
+
+
+def test_token_update_content(tracked, tokenizer):
+    with ms.trace.open(tracked) as tr:
+        names, steps = tr.names, tr.steps
+        w, l = names.index("chosen"), names.index("rejected")
+        ids = [tr.input_ids(0, r)[1] for r in (w, l)]
+        token, token_logp = tr.actual_token_delta, tr.token_logp
+    diffs = _data.differing_tokens(*ids)
+    with strict():
+        fig = ms.plots.token_update(tracked, tokenizer=tokenizer)
+    assert "probe p0 · step 4 → step 6" in all_text(fig)
+    for ax, r, ids_r, diff in zip(fig.axes[:2], (w, l), ids, diffs):
+        t = len(ids_r)
+        assert ax.get_title() == f"{names[r]} of probe p0"
+        assert [x.get_text() for x in ax.get_xticklabels()] == [_data.token_text(i, tokenizer) for i in ids_r]
+        red = [x.get_text() for x in ax.get_xticklabels() if x.get_color() == "#c0143c"]
+        assert red == [_data.token_text(i, tokenizer) for i in ids_r[diff]] and red
+        values = token[-1, 0, r, :t]
+        assert np.isfinite(values).all()
+        np.testing.assert_allclose(ax.containers[0].datavalues, values)
+        dots = [line for line in ax.lines if line.get_label() == "observed Δlog π(y_t)"][0]
+        np.testing.assert_allclose(dots.get_ydata(), token_logp[-1, 0, r, :t] - token_logp[-2, 0, r, :t])
+        regions = _data.position_regions(diff)
+        text = all_text_of(ax)
+        for k, where in enumerate(("before the differing tokens", "at the differing tokens", "after them")):
+            assert f"Σ {where}: {values[regions == k].sum():+.3g}" in text
+    with strict():
+        other = ms.plots.token_update(tracked, probe="p1", step=2)  # no tokenizer: ids
+    assert "probe p1 · step 0 → step 2" in all_text(other)
+    with ms.trace.open(tracked) as tr:
+        ids_p1 = tr.input_ids(1, w)[1]
+    assert [x.get_text() for x in other.axes[0].get_xticklabels()] == [str(i) for i in ids_p1]
+    with strict():
+        first = ms.plots.token_update(tracked, step=0)
+    assert "no actual-update change at this record" in all_text(first)
+    with pytest.raises(ms.MarginscopeError, match=r"step 3 is not recorded"):
+        ms.plots.token_update(tracked, step=3)
+
+
+def test_position_regions():
+    diff = np.array([False, False, True, False, True, False])
+    assert _data.position_regions(diff).tolist() == [0, 0, 1, 2, 1, 2]
+    assert _data.position_regions(np.zeros(3, bool)).tolist() == [0, 0, 0]
 
 
 def test_compare_runs_content(tmp_path):

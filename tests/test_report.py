@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import fcntl
+import html
 import json
 import os
 import queue
@@ -178,6 +179,26 @@ def test_report_is_self_contained(report, runs):
     for label in ("run-dpo.h5 · dpo", "run-kto.h5 · kto", "edge.h5 · dpo", "Comparison of runs", "Run metadata",
                   "loss_hparams", "Overview", "Case 1", "in-run pairs"):
         assert label in text, label
+
+
+def test_report_prints_the_agreement_tables(report, runs):
+    """Every run with two records or more gets the tables `marginscope inspect` prints (the same rows),
+    inside its own section; the one-record run gets none."""
+    text = report.read_text(encoding="utf-8")
+    sections = {m.group(1): m.group(2) for m in re.finditer(r'<section id="run-([^"]+)">(.*?)</section>', text, re.S)}
+    assert set(sections) == {"run-dpo", "run-kto", "edge"}
+    for key, path in zip(("run-dpo", "run-kto", "edge"), runs):
+        rows = [[html.unescape(c) for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row)]
+                for row in re.findall(r"<tr>(.*?)</tr>", sections[key])]
+        with ms.trace.open(path) as tr:
+            tables = ms.trace.summary.agreement_tables(ms.trace.summarize(tr).agreement)
+        assert ("What happened: the views against the observed change" in sections[key]) == bool(tables)
+        assert bool(tables) == (key != "edge")
+        for title, header, table_rows, caption in tables:
+            assert header in rows and all(row in rows for row in table_rows), title
+            assert html.escape(caption, quote=True) in sections[key]
+        if tables:
+            assert ["chosen", "actual update (first order)"] == tables[0][2][1][:2]
 
 
 def test_report_in_headless_chromium(browser, report):

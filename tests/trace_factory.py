@@ -3,8 +3,12 @@
 `make_trace` writes a trace with `write_trace` whose Grams come from random gradient vectors, whose
 coefficients, Cases and first-order predictions come from the real loss (`ms.dynamics`), and whose
 observed changes are the differences of the recorded log-probs — so every loss of the zoo gives its
-own thresholds and signs. Edge traces: one record, NaNs, a single probe, no per-token data, no in-run
-rows, no top response, no finite Gram at all.
+own thresholds and signs. The actual-update views (DESIGN.md §2b) are consistent with them: the
+actual-update first order is the observed change less a small curvature share, split over the
+response tokens; the last step's parts (AdamW's gradient, momentum, weight decay and a rounding
+residual) sum to its `step_delta`; the Cases of what happened come from `ms.dynamics.classify_delta`.
+Edge traces: one record, NaNs, a single probe, no per-token data, no in-run rows, no top response,
+no finite Gram at all, no actual-update views (as a version-2 trace reads).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import marginscope as ms
 from marginscope.dynamics.scoring import EncodedProbe
 from marginscope.trace import Record, write_trace
+from marginscope.trace.schema import STEP_PART_NAMES
 
 VOCAB = 300  # ids below the tiny demo tokenizer's vocabulary size, so they decode
 
@@ -46,9 +51,10 @@ def _encoded(rng: np.random.Generator, probes, names: Sequence[str]) -> list[Enc
 def make_trace(path: str | Path, *, loss: str = "dpo", n_probes: int = 4, steps: Sequence[int] = (0, 2, 4, 6),
                names: Sequence[str] = ("chosen", "rejected", "top"), per_token: Sequence[int] = (0,),
                inrun: bool = True, nan: bool = False, no_gram: bool = False, top_k: int = 3,
-               ref_offset: float = 0.0, seed: int = 0) -> Path:
+               ref_offset: float = 0.0, update: bool = True, seed: int = 0) -> Path:
     """Write a synthetic trace of `loss` and return its path (see the module docstring). `ref_offset`
-    lowers the chosen reference log-probs (e.g. 20 puts SPO past its target: negative coefficients)."""
+    lowers the chosen reference log-probs (e.g. 20 puts SPO past its target: negative coefficients);
+    `update=False` leaves out the actual-update views (NaN / Case 0, as a version-2 trace reads)."""
     rng = np.random.default_rng(seed)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     probes = _probe_set(n_probes, names)
@@ -78,6 +84,7 @@ def make_trace(path: str | Path, *, loss: str = "dpo", n_probes: int = 4, steps:
         case = ms.dynamics.classify(gram, d_w, d_l)
         predicted = ms.dynamics.predict_delta(gram, d_w, d_l)
         observed = np.full((n, r), np.nan) if previous is None else logp - previous
+        views = _update_views(rng, observed, lengths, t_max, s, steps) if update else {}
         token_logp = np.full((n, r, t_max), np.nan)
         topk_ids = np.full((n, r, t_max, top_k), -1, dtype=np.int32)
         topk_prob = np.full((n, r, t_max, top_k), np.nan, dtype=np.float32)
@@ -96,17 +103,41 @@ def make_trace(path: str | Path, *, loss: str = "dpo", n_probes: int = 4, steps:
             token_gram[i] = (h_w @ h_l.T, (h_w ** 2).sum(1), (h_l ** 2).sum(1))
         records.append(Record(step=int(step), logp=logp.copy(), token_logp=token_logp, gram=gram, d_w=d_w, d_l=d_l,
                               case=case, predicted_delta=predicted, observed_delta=observed, topk_ids=topk_ids,
-                              topk_prob=topk_prob, token_gram=token_gram))
+                              topk_prob=topk_prob, token_gram=token_gram, **views))
         previous = logp.copy()
         # Next state: a first-order step with a small effective learning rate, plus noise.
         logp = logp + 0.02 * np.nan_to_num(predicted) + 0.05 * rng.normal(size=(n, r))
     metadata = {"kind": "tracker", "loss": loss, "loss_hparams": loss_fn.hparams, "model": "synthetic",
-                "every": int(steps[1] - steps[0]) if len(steps) > 1 else 1, "per_token": "head" if per_token else None}
+                "every": int(steps[1] - steps[0]) if len(steps) > 1 else 1, "per_token": "head" if per_token else None,
+                "step_split": "AdamW" if update else "unavailable: no optimizer given"}
     path = write_trace(path, probes=probes, encoded=encoded, names=list(names), metadata=metadata, records=records,
                        ref_logp=ref, top_k=top_k)
     if inrun and len(steps):
         _append_inrun(path, probes, list(names), loss_fn, int(steps[-1]), top_k, rng)
     return Path(path)
+
+
+def _update_views(rng: np.random.Generator, observed: np.ndarray, lengths: np.ndarray, t_max: int, s: int,
+                  steps: Sequence[int]) -> dict[str, np.ndarray]:
+    """The actual-update views of one record whose observed change is `observed` [N, R] (NaN at the
+    first record): actual_delta = observed − a curvature share (≈ 5%), split over the tokens by random
+    weights; the last of the interval's steps carries 1/k of it (k steps per interval), split into
+    parts that sum to step_delta exactly; Cases from the signs."""
+    n, r = observed.shape
+    actual = observed * (1 + 0.05 * rng.normal(size=(n, r))) + 0.005 * rng.normal(size=(n, r))
+    token = np.full((n, r, t_max), np.nan)
+    for i in range(n):
+        for j in range(r):
+            weights = rng.dirichlet(np.ones(lengths[i, j]))
+            token[i, j, :lengths[i, j]] = actual[i, j] * weights
+    k = max(int(steps[s] - steps[s - 1]), 1) if s else 1
+    last = actual / k
+    parts = np.stack([last * rng.uniform(0.8, 1.2, (n, r)), 0.3 * last * rng.normal(size=(n, r)),
+                      -0.02 * np.abs(last) * rng.uniform(size=(n, r)),
+                      1e-9 * rng.normal(size=(n, r)) + 0 * last], axis=-1)  # 0 * last: NaN where it is
+    assert parts.shape[-1] == len(STEP_PART_NAMES)  # gradient, momentum, weight_decay, residual
+    return {"actual_delta": actual, "actual_token_delta": token, "step_delta": parts.sum(-1), "step_parts": parts,
+            "case_observed": ms.dynamics.classify_delta(observed), "case_actual": ms.dynamics.classify_delta(actual)}
 
 
 def _append_inrun(path: Path, probes, names: list[str], loss_fn, last_step: int, top_k: int,
@@ -133,6 +164,7 @@ EDGE_CASES = {
     "no_top": {"names": ("chosen", "rejected")},
     "no_gram": {"no_gram": True, "inrun": False},
     "one_record_bare": {"steps": (0,), "n_probes": 1, "per_token": (), "inrun": False},
+    "no_update": {"update": False},
 }
 
 
@@ -147,7 +179,8 @@ TRACKED_PROBES = [
 
 def tracked_trace(path: str | Path, tokenizer, *, loss: str = "dpo", steps: int = 6, every: int = 2) -> Path:
     """A real trace: a tiny GPT-2 trained with `loss` on the probe pairs under `ms.Tracker` (per-token
-    Gram of p0 at the head tier, in-run geometry of every step) — the recipe of docs/tracking.md."""
+    Gram of p0 at the head tier, in-run geometry of every step, the AdamW step before each record
+    split) — the recipe of docs/tracking.md."""
     import torch
 
     from marginscope.demo.tiny import build_model
@@ -164,7 +197,7 @@ def tracked_trace(path: str | Path, tokenizer, *, loss: str = "dpo", steps: int 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     with ms.Tracker(model, tokenizer, probes, path=path, loss=loss_fn, every=every, top_k=5, per_token="head",
-                    per_token_probes=["p0"], overwrite=True) as tracker:
+                    per_token_probes=["p0"], overwrite=True, optimizer=optimizer) as tracker:
         for step in range(1, steps + 1):
             with tracker.in_run(n_pairs=p) as geo:
                 logps, _ = ms.dynamics.score_pairs(model, batch)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..trace import open_trace, summarize
-from ..trace.summary import TraceSummary
+from ..trace.summary import TraceSummary, agreement_tables
 from .common import out, user_errors
 
 
@@ -20,10 +20,12 @@ def inspect_command(
     rows: int = typer.Option(12, "--rows", min=2, help="Records shown (evenly spaced, first and last included)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
 ) -> None:
-    """Summarize a trace: the run, its records, the in-run pairs and the trends.
+    """Summarize a trace: the run, its records, the agreement of the views, the in-run pairs and the trends.
 
-    Per record: Case fractions, mean gradient cosine and mean log-prob of every response; then the
-    in-run totals and the first → last change of every response.
+    Per record: Case fractions, mean gradient cosine and mean log-prob of every response; then, over
+    the run, how well the self view and the actual-update first order explain the observed change
+    (r, slope, sign agreement per response), the Case shares of the three views and how often their
+    Cases agree; then the in-run totals and the first → last change of every response.
 
     Example:
 
@@ -36,6 +38,13 @@ def inspect_command(
         return
     out.print(_run_table(summary))
     out.print(_records_table(summary, rows))
+    for title, header, table_rows, caption in agreement_tables(summary.agreement):
+        table = Table(title=title, caption=caption)
+        for column in header:
+            table.add_column(column, justify="left" if column in ("response", "view", "views") else "right")
+        for row in table_rows:
+            table.add_row(*row)
+        out.print(table)
     if summary.inrun:
         inrun = summary.inrun
         fractions = "  ".join(f"C{c} {inrun[f'inrun_case{c}_frac']:.2f}" for c in (1, 2, 3, 4))

@@ -31,6 +31,7 @@ from .compare import compare_runs
 from .mass import mass_shift
 from .tokens import token_heatmap, token_heatmap_steps
 from .trajectories import gradient_geometry, logp_trajectories
+from .update import token_update, why_moved
 from .validity import first_order
 
 # Figures of one run, in reading order.
@@ -38,6 +39,7 @@ FIGURES: dict[str, Callable[..., Figure]] = {
     "case_map": case_map, "case_fractions": case_fractions, "logp_trajectories": logp_trajectories,
     "gradient_geometry": gradient_geometry, "token_heatmap": token_heatmap,
     "token_heatmap_steps": token_heatmap_steps, "mass_shift": mass_shift, "first_order": first_order,
+    "why_moved": why_moved, "token_update": token_update,
 }
 # Figures of several runs together.
 COMPARISONS: dict[str, Callable[..., Figure]] = {"case_map": case_map, "compare_runs": compare_runs}
@@ -134,4 +136,4 @@ def save_all(traces: Traces, out_dir: str | os.PathLike, *, formats: Sequence[st
 
 __all__ = ["COMPARISONS", "FIGURES", "FORMATS", "case_fractions", "case_map", "compare_runs", "comparison_figures",
            "figure_bytes", "first_order", "gradient_geometry", "logp_trajectories", "mass_shift", "run_figures", "run_keys",
-           "save_all", "save_figure", "token_heatmap", "token_heatmap_steps"]
+           "save_all", "save_figure", "token_heatmap", "token_heatmap_steps", "token_update", "why_moved"]

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import MarginscopeError
 from ..trace.schema import Trace, open_trace
+from ..trace.summary import Intervals
 
 TraceLike = Trace | str | os.PathLike
 Traces = TraceLike | Sequence[TraceLike]
@@ -236,6 +237,20 @@ def token_text(token_id: int, tokenizer: Any | None) -> str:
     return text.strip() or repr(text)
 
 
+def response_token_labels(tr: Trace, n: int, r: int, tokenizer: Any | None) -> list[str]:
+    """Tick labels of the tokens of probe n's response r (`token_text` of its scored ids): the one
+    place the token figures look labels up."""
+    return [token_text(int(i), tokenizer) for i in tr.input_ids(n, r)[1]]
+
+
+def position_regions(diff: np.ndarray) -> np.ndarray:
+    """int [T] for a response's differing-token mask (`differing_tokens`): 0 before its first
+    differing token, 1 at a differing token, 2 at a shared token after the first differing one."""
+    diff = np.asarray(diff, dtype=bool)
+    after = np.cumsum(diff) > 0
+    return np.where(diff, 1, np.where(after, 2, 0))
+
+
 def topk_gains(ids_first: np.ndarray, prob_first: np.ndarray, ids_last: np.ndarray,
                prob_last: np.ndarray) -> dict[int, float]:
     """Σ over positions of π_last(v) − π_first(v) for every token v in either record's top-k
@@ -265,3 +280,25 @@ def token_gram_probes(tr: Trace) -> list[int]:
         if tg is not None and len(tg["step"]):
             found.append(n)
     return found
+
+
+# ---- what actually happened (DESIGN.md §2b) ---------------------------------------------------
+
+def update_segments(iv: Intervals) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The observed change of every (interval, probe, response) as a sum of shares [S−1, N, R], in
+    stacking order (the step parts, then "last_step", "rest", "curvature"):
+    observed = Σ step_parts + last_step + rest + curvature, exactly, where the last optimizer step of
+    the interval is split into its parts when the trace has them ("last_step" = its unsplit
+    step_delta otherwise, 0 when not captured), "rest" = actual − step_delta (the interval's earlier
+    steps and the trapezoid's correction) and "curvature" = observed − actual. Also the bool mask
+    [S−1, N, R] of the points where observed and actual are finite (NaN outside it)."""
+    observed, actual, step = finite(iv.observed), finite(iv.actual), finite(iv.step_delta)
+    parts = {name: finite(v) for name, v in iv.step_parts.items()}
+    valid = np.isfinite(observed) & np.isfinite(actual)
+    split = np.logical_and.reduce([np.isfinite(v) for v in parts.values()]) & np.isfinite(step)
+    captured = np.isfinite(step)
+    shares = {name: np.where(split, v, 0.0) for name, v in parts.items()}
+    shares["last_step"] = np.where(captured & ~split, step, 0.0)
+    shares["rest"] = actual - np.where(captured, step, 0.0)
+    shares["curvature"] = observed - actual
+    return {name: np.where(valid, v, np.nan) for name, v in shares.items()}, valid

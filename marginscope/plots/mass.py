@@ -9,8 +9,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ._data import (TraceLike, finite, load_tokenizer_like, nanmean, opened, probe_index, run_label, step_index,
-                    token_text, topk_gains)
+from ._data import (TraceLike, finite, load_tokenizer_like, nanmean, opened, probe_index, response_token_labels,
+                    run_label, step_index, token_text, topk_gains)
 from ._style import corner_text, message_figure, new_figure, note, response_colors, themed
 
 _TOP_TOKENS = 10
@@ -45,7 +45,7 @@ def _position_panel(ax: Axes, tr_data: dict, r: int, s0: int, s1: int, color: st
     for s, ls, alpha in ((s0, "--", 0.6), (s1, "-", 1.0)):
         ax.plot(pos, top[s], color="0.2", ls=ls, marker=".", alpha=alpha, label=f"π(argmax), step {steps[s]}")
         ax.plot(pos, target[s], color=color, ls=ls, marker=".", alpha=alpha, label=f"π(target), step {steps[s]}")
-    ax.set_xticks(pos, [token_text(i, tokenizer) for i in tr_data["response_ids"][r]], rotation=90, fontsize=7.5)
+    ax.set_xticks(pos, tr_data["labels"][r], rotation=90, fontsize=7.5)
     argmax = tr_data["topk_ids"][:, r, :length, 0]
     if length <= _ANNOTATE_MAX_T:
         for t in np.flatnonzero(argmax[s1] != argmax[s0]):
@@ -89,6 +89,7 @@ def mass_shift(trace: TraceLike, *, probe: str | None = None, step: int | None =
     first record and `step` (default: the last): (b) the tokens whose top-k probability rose the most,
     summed over positions; (c, d) π(argmax) and π(target) at each position of chosen and rejected
     (teacher forcing)."""
+    tokenizer = load_tokenizer_like(tokenizer)
     with opened(trace) as tr:
         label, steps, names = run_label(tr), tr.steps, tr.names
         n = probe_index(tr, probe)
@@ -97,12 +98,11 @@ def mass_shift(trace: TraceLike, *, probe: str | None = None, step: int | None =
         logp = finite(tr.logp)[:, [n]] if probe else finite(tr.logp)
         data = {"steps": steps, "lengths": tr.lengths[n], "token_logp": finite(tr.token_logp[:, n]),
                 "topk_ids": tr.topk_ids[:, n], "topk_prob": finite(tr.topk_prob[:, n]),
-                "response_ids": [tr.input_ids(n, r)[1] for r in range(len(names))]}
+                "labels": [response_token_labels(tr, n, r, tokenizer) for r in range(len(names))]}
         probe_id = tr.probe_ids[n]
     title = f"Mass shift · {label}"
     if not len(steps):
         return message_figure(title, "no records yet")
-    tokenizer = load_tokenizer_like(tokenizer)
     colors = response_colors(names)
     fig = new_figure(12.0, 8.4, f"{title} · step {steps[0]} → {steps[s1]}")
     (ax_a, ax_b), (ax_c, ax_d) = fig.subplots(2, 2)

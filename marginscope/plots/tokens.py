@@ -13,8 +13,8 @@ from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 
 from ..errors import MarginscopeError
-from ._data import (TraceLike, differing_tokens, finite, load_tokenizer_like, opened, probe_index, run_label,
-                    token_cosine, token_gram_probes, token_text)
+from ._data import (TraceLike, differing_tokens, finite, load_tokenizer_like, opened, probe_index,
+                    response_token_labels, run_label, token_cosine, token_gram_probes)
 from ._style import diverging_cmap, message_figure, new_figure, themed
 
 DIFF_COLOR = "#c0143c"
@@ -48,13 +48,11 @@ def _token_grams(tr, probe: str | None, tokenizer: Any | None) -> TokenGrams | s
         shown = ", ".join(ids[i] for i in recorded[:8]) or "none"
         return f"probe {ids[n]!r} has no per-token Gram (recorded for: {shown})"
     tg = tr.token_gram(n)
-    names = tr.names
-    ids_w = tr.input_ids(n, names.index("chosen"))[1]
-    ids_l = tr.input_ids(n, names.index("rejected"))[1]
-    diff_w, diff_l = differing_tokens(ids_w, ids_l)
+    w, l = tr.names.index("chosen"), tr.names.index("rejected")
+    diff_w, diff_l = differing_tokens(tr.input_ids(n, w)[1], tr.input_ids(n, l)[1])
     tok = load_tokenizer_like(tokenizer)
     return TokenGrams(ids[n], tg["step"], finite(tg["gram"]), token_cosine(tg["gram"], tg["sqnorm_w"], tg["sqnorm_l"]),
-                      [token_text(i, tok) for i in ids_w], [token_text(i, tok) for i in ids_l], diff_w, diff_l)
+                      response_token_labels(tr, n, w, tok), response_token_labels(tr, n, l, tok), diff_w, diff_l)
 
 
 def _row_of(tg: TokenGrams, step: int | None, path) -> int:
@@ -67,7 +65,7 @@ def _row_of(tg: TokenGrams, step: int | None, path) -> int:
     return int(hits[0])
 
 
-def _ticks(ax: Axes, axis: str, labels: list[str], diff: np.ndarray, show: bool) -> None:
+def token_ticks(ax: Axes, axis: str, labels: list[str], diff: np.ndarray, show: bool) -> None:
     """Token tick labels (every k-th when long), the differing tokens in bold red."""
     stride = max(1, math.ceil(len(labels) / _MAX_LABELS))
     pos = np.arange(0, len(labels), stride)
@@ -87,8 +85,8 @@ def _heatmap(ax: Axes, matrix: np.ndarray, vmax: float, tg: TokenGrams, show_x: 
     """One T_w × T_l heatmap: chosen tokens down, rejected across; differing×differing cells boxed."""
     im = ax.imshow(matrix, cmap=diverging_cmap(), vmin=-vmax, vmax=vmax, aspect="auto", interpolation="nearest")
     ax.grid(False)
-    _ticks(ax, "x", tg.labels_l, tg.diff_l, show_x)
-    _ticks(ax, "y", tg.labels_w, tg.diff_w, show_y)
+    token_ticks(ax, "x", tg.labels_l, tg.diff_l, show_x)
+    token_ticks(ax, "y", tg.labels_w, tg.diff_w, show_y)
     if tg.diff_w.sum() * tg.diff_l.sum() <= _MAX_BOXES:
         for t in np.flatnonzero(tg.diff_w):
             for s in np.flatnonzero(tg.diff_l):
