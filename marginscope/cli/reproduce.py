@@ -42,7 +42,7 @@ def reproduce_command(
 
         marginscope reproduce --list && marginscope reproduce sentiment --out repro-sentiment
 
-        marginscope reproduce sentiment --model SmolLM2-135M-Instruct.Q4_1.gguf --threads 2
+        marginscope reproduce sentiment --model SmolLM2-135M-Instruct.Q4_1.gguf --seeds 2
     """
     if list_studies:
         out.print(studies_table())

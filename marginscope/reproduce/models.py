@@ -56,12 +56,12 @@ class PretrainedSFT:
 
     statements: int = 48
     eval: int = 8
-    lr: float = 5e-5
+    lr: float = 3e-4
     batch: int = 8
     check_every: int = 10
     target: float = 0.95
     plateau: float = 0.02
-    max_steps: int = 100
+    max_steps: int = 40
     train_layers: int | None = 4
 
 

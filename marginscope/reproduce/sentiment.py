@@ -38,12 +38,13 @@ TAKES_MODEL = True  # `--model`: run on a user's pretrained model (Config.for_mo
 SOURCE = "margin-pitfalls (gradient entanglement) §4.2, Figures 3 and 4"
 
 
-# DPO on a user's pretrained model (`--model`), sized for a 135M model on a 2-core CPU: the demo's runs
-# with 6 probes per style, 16 steps recorded every 8, a pretrained-model learning rate (margin-pitfalls
-# DPOs its pretrained GPT-2 at 5e-6 for longer), and the per-token Gram in the "tail" tier (the last
-# block's MLP and final norm; the exact tier over the trained blocks takes minutes per record there).
-PRETRAINED_DPO = replace(DemoConfig(), probes=6, token_probes=2, token_tier="tail", train_pairs=48, dpo_steps=16,
-                         dpo_batch=8, dpo_lr=2e-5, every=8)
+# DPO on a user's pretrained model (`--model`), sized for a 135M model on a shared 2-core CPU: the demo's
+# runs with 4 probes per style, 12 steps recorded every 6, a pretrained-model learning rate
+# (margin-pitfalls DPOs its pretrained GPT-2 at 5e-6 for longer), and the per-token Gram in the "tail"
+# tier (the last block's MLP and final norm; the exact tier over the trained blocks takes minutes per
+# record there).
+PRETRAINED_DPO = replace(DemoConfig(), probes=4, token_probes=2, token_tier="tail", train_pairs=48, dpo_steps=12,
+                         dpo_batch=8, dpo_lr=2e-5, every=6)
 
 
 @dataclass(frozen=True)
