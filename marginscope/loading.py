@@ -137,6 +137,7 @@ def gguf_cache(source: ModelSource) -> Path | None:
         return folder
     model = _model_from_gguf(source, "float32")
     tokenizer = _tokenizer_from_gguf(source)
+    scratch = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
@@ -153,6 +154,8 @@ def gguf_cache(source: ModelSource) -> Path | None:
                 raise
             shutil.rmtree(scratch, ignore_errors=True)
     except OSError as err:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         raise MarginscopeError(f"{base}: cannot write the GGUF conversion cache ({err.strerror or err}); "
                                f"set {CACHE_ENV} to a writable folder, or to 'off'") from None
     return folder

@@ -150,7 +150,7 @@ def test_trl_dpo_run_with_callback_and_inrun_geometry(smol, tmp_path):
         assert np.any(tr.logp[-1] != tr.logp[0])  # the adapters moved the probes
         inrun = tr.inrun()
     assert len(np.unique(inrun["step"])) == 3
-    assert np.isfinite(inrun["sqnorm_w"]).all() and (inrun["sqnorm_w"] > 0).all() and (inrun["sqnorm_l"] > 0).all()
+    assert np.isfinite(inrun["inner"]).all() and (inrun["sq_w"] > 0).all() and (inrun["sq_l"] > 0).all()
 
 
 def test_per_token_heatmap_figure(smol, tmp_path):

@@ -299,7 +299,8 @@ def run_demo(out: str | Path = "marginscope-demo", config: DemoConfig = DemoConf
         raise MarginscopeError(f"{out}: exists and is not a folder; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     say(f"SFT model: {out / 'sft-model'}")
-    with progress_bar(progress, "SFT from scratch", config.sft_max_steps, with_loss=True) as advance:
+    with progress_bar(progress, "SFT until it ranks the labels (step limit shown)", config.sft_max_steps,
+                      with_loss=True) as advance:
         sft, tokenizer, report = sft_model(config, out / "sft-model", advance)
     say(f"SFT: {describe_sft(report)}")
     traces = []

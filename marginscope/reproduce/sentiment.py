@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from ..demo.recipe import STYLES, DemoConfig, style_run, summarize_style
+from ..loading import model_name
 from ..trace import open_trace
 from .findings import Finding, StudyResult, agree, fmt, robust, seed_flags, seed_mean
-from ..loading import model_name
 from .models import (
     PretrainedSFT, Say, prepare_out, pretrained_sft, record_sft, save_figures, sentiment_sft, sft_preference)
 
