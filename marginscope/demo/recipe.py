@@ -174,25 +174,29 @@ def sft_until_ranked(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     label accuracy is ≥ `target` and the chosen responses' per-token log-prob rose by less than
     `plateau` nats since the previous check — or `max_steps` steps. The model is left in eval mode.
     `progress(loss)` is called after every step, `say(line)` after every check."""
-    history = [(0, *sft_scores(model, tokenizer, eval_pairs))]
+    history: list[tuple[int, float, float]] = []
     step = 0
     step_fn = lm_steps(model, tokenizer, texts, lr=lr, batch=batch, seed=seed, weight_decay=weight_decay,
                        schedule=lambda s: min(1.0, (s + 1) / 20))
+
+    def check() -> None:
+        history.append((step, *sft_scores(model, tokenizer, eval_pairs)))
+        if say is not None:
+            say(f"SFT step {step}: held-out label accuracy {history[-1][1]:.2f}, chosen per-token log-prob "
+                f"{history[-1][2]:.3f}")
 
     def learned() -> bool:
         return (len(history) > 1 and history[-1][1] >= target
                 and history[-1][2] - history[-2][2] < plateau)
 
+    check()
     while not learned() and step < max_steps:
         for _ in range(min(check_every, max_steps - step)):
             loss = step_fn()
             step += 1
             if progress is not None:
                 progress(loss)
-        history.append((step, *sft_scores(model, tokenizer, eval_pairs)))
-        if say is not None:
-            say(f"SFT step {step}: held-out label accuracy {history[-1][1]:.2f}, chosen per-token log-prob "
-                f"{history[-1][2]:.3f}")
+        check()
     model.eval()
     return SFTReport(step, history[-1][1], history[-1][2], learned(), target, plateau, history)
 
