@@ -1,4 +1,5 @@
-"""`marginscope reproduce`: test the seed papers' published findings on our own tiny models."""
+"""`marginscope reproduce`: test the seed papers' published findings on our own tiny models (or, for the
+sentiment study, on a user's pretrained checkpoint: `--model DIR_OR_GGUF`)."""
 
 from __future__ import annotations
 
