@@ -55,7 +55,7 @@ def main() -> None:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         config = DemoConfig()
-        sft, tokenizer = sft_model(config, out / "sft-model")
+        sft, tokenizer, _ = sft_model(config, out / "sft-model")
         for style in args.styles.split(","):
             for every in (int(e) for e in args.every.split(",")):
                 run_dir = out / f"every{every}"

@@ -14,7 +14,7 @@ from . import losses as loss_zoo
 from .dynamics.measure import Geometry, PairDynamics, check_options, measure, pair_dynamics
 from .dynamics.scoring import sequence_logp, top_tokens
 from .errors import MarginscopeError
-from .loading import DTYPES, config_hash, load_model, load_tokenizer
+from .loading import DTYPES, config_hash, load_model, load_tokenizer, model_name
 from .probes import load as load_probes
 from .trace import Record, write_trace
 
@@ -89,9 +89,9 @@ def measure_checkpoint(model_dir: str | Path, probes_path: str | Path, *, output
     if out is not None:
         metadata = {
             "kind": "measure", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": str(model_dir), "model_config_hash": config_hash(model),
+            "model": model_name(model_dir), "model_config_hash": config_hash(model),
             "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "reference": str(ref_dir) if ref_dir is not None else "model itself",
+            "reference": model_name(ref_dir) if ref_dir is not None else "model itself",
             "loss": loss_fn.name, "loss_hparams": loss_fn.hparams, "scope": geo.scope_spec,
             "n_params": geo.n_params, "engine": geo.engine, "per_token": geo.per_token,
             **({"projection_dim": projection_dim, "projection_seed": projection_seed} if geo.engine == "projected" else {}),

@@ -62,7 +62,7 @@ class TrainConfig:
     """Everything that shapes a run. Paths may be strings; `data` and `probes` may be `ProbeSet`s.
 
     data: preference pairs in the probe format (id, prompt, chosen, rejected; "extra" is ignored).
-    model: a model directory (save_pretrained layout, with its tokenizer); optional when `train()`
+    model: a model directory (save_pretrained layout, with its tokenizer) or a GGUF file; optional when `train()`
     gets an in-memory model. ref: a reference model directory (default: the initial policy).
     probes + trace: attach `ms.Tracker` (both or neither); every, per_token, per_token_probes (ids; default
     all probes), top_k as in the tracker;

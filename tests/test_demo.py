@@ -13,7 +13,7 @@ import marginscope as ms
 from marginscope.cli import app
 from marginscope.demo.recipe import STYLES, DemoConfig, run_demo, sft_model
 
-SMALL = replace(DemoConfig(), sft_statements=24, sft_steps=20, probes=4, token_probes=2, train_pairs=8,
+SMALL = replace(DemoConfig(), sft_statements=24, sft_max_steps=20, sft_check_every=10, probes=4, token_probes=2, train_pairs=8,
                 dpo_steps=4, dpo_batch=4, every=2)
 
 
@@ -49,10 +49,12 @@ def test_demo_writes_traces_figures_and_report(demo):
 
 def test_sft_model_is_cached_by_recipe(demo, monkeypatch):
     out, _, _ = demo
-    monkeypatch.setattr("marginscope.demo.recipe.train_lm", lambda *a, **k: pytest.fail("retrained"))
-    model, tokenizer = sft_model(SMALL, out / "sft-model")
+    monkeypatch.setattr("marginscope.demo.recipe.sft_until_ranked", lambda *a, **k: pytest.fail("retrained"))
+    model, tokenizer, report = sft_model(SMALL, out / "sft-model")
     assert model.config.n_embd == SMALL.width and len(tokenizer) <= SMALL.vocab_size
-    assert SMALL.sft_key() != replace(SMALL, sft_steps=21).sft_key()
+    assert report.steps <= SMALL.sft_max_steps and report.history[0][0] == 0 and 0 <= report.accuracy <= 1
+    assert SMALL.sft_key() != replace(SMALL, sft_max_steps=21).sft_key()
+    assert SMALL.sft_key() != replace(SMALL, sft_target=0.5).sft_key()
     assert SMALL.sft_key() == replace(SMALL, dpo_steps=99).sft_key()
 
 

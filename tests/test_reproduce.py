@@ -265,6 +265,47 @@ def test_cli_runs_a_reduced_study(tmp_path, cache):
     result = CliRunner().invoke(app, ["reproduce", "sentiment", "--smoke", "--out", str(out), "--cache", str(cache)])
     assert result.exit_code == 0, result.output
     assert "claim" in result.output and "holds" in result.output and "claims hold" in result.output
-    assert "context (per seed): sft_prefers_chosen_single" in result.output
+    assert "context (per seed): sft_steps" in result.output and "sft_label_accuracy" in result.output
     saved = load_result(out)
     assert saved.name == "sentiment" and len(saved.findings) == 5
+
+
+def test_cli_runs_the_pretrained_recipe_on_a_model_folder(tmp_path):
+    """`--model`: SFT of the given checkpoint until it ranks the labels (each check printed), then the
+    study's DPO runs from it; results.json names the model and the SFT outcome per seed."""
+    from marginscope.demo.tiny import save_tiny
+
+    model_dir = save_tiny(tmp_path / "my-model", arch="llama")
+    out = tmp_path / "repro"
+    result = CliRunner().invoke(app, ["reproduce", "sentiment", "--smoke", "--model", str(model_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"SFT of {model_dir}" in result.output and "SFT step 2: held-out label accuracy" in result.output
+    saved = load_result(out)
+    assert saved.setting["model"] == str(model_dir) and saved.setting["sft"]["train_layers"] == 1
+    assert saved.context["sft_steps"][0] in (2, 4) and 0 <= saved.context["sft_label_accuracy"][0] <= 1
+    assert len(saved.findings) == 5 and not (out / "sft-models").exists()
+
+
+def test_train_top_layers_freezes_everything_below(tmp_path):
+    from marginscope.demo.tiny import build_model, build_tokenizer
+    from marginscope.reproduce.models import train_top_layers
+
+    model = build_model("llama", build_tokenizer(), layers=3)
+    n = train_top_layers(model, 1)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".layers.2." in name or name == "model.norm.weight" for name in trainable)
+    assert "model.norm.weight" in trainable and n == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert train_top_layers(model, None) == sum(p.numel() for p in model.parameters())
+    with pytest.raises(MarginscopeError, match="train_layers must be between 1 and the model's 3 blocks"):
+        train_top_layers(model, 4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["reproduce", "losses", "--model", "."], "runs on its own tiny models only; --model works with: sentiment"),
+    (["reproduce", "all", "--model", "."], "--model runs one study at a time"),
+    (["reproduce", "sentiment", "--model", "no-such-model"], "does not exist"),
+])
+def test_cli_model_option_errors_are_one_line(args, message):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and result.output.startswith("error: ") and result.output.count("\n") == 1
+    assert message in result.output

@@ -16,14 +16,14 @@ from .common import out, parse_hparams, user_errors
 
 @user_errors
 def measure_command(
-    model: Path = typer.Option(..., "--model", "-m", help="Model directory (save_pretrained layout)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Model directory (save_pretrained layout), a .gguf file, or a folder holding one."),
     probes: Path = typer.Option(..., "--probes", "-p", help="Probe file (JSONL)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write a one-record trace (.h5)."),
     loss: str = typer.Option("dpo", "--loss", help="Loss whose coefficients d_w, d_l classify the pairs."),
     beta: Optional[float] = typer.Option(None, "--beta", help="The loss's beta (shortcut for --hparam beta=…)."),
     hparam: list[str] = typer.Option([], "--hparam", help="Loss hyper-parameter KEY=VALUE (repeatable)."),
-    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference model directory (default: the model itself)."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: --model)."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference model directory or .gguf file (default: the model itself)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer directory or .gguf file (default: --model)."),
     params: str = typer.Option("trainable", "--params", help="Parameter scope: trainable, all, or a regex on names."),
     engine: str = typer.Option("auto", "--engine", help="Gram engine: auto (ghost when it covers the scope), ghost, exact, or projected (approximate)."),
     per_token: Optional[str] = typer.Option(None, "--per-token", help="Per-token Gram tier: head (LM head), tail (after the last attention) or exact (all)."),

@@ -92,9 +92,9 @@ def from_preferences_command(
 @user_errors
 def top_command(
     probes: Path = typer.Argument(..., help="Probe file (JSONL)."),
-    model: Path = typer.Option(..., "--model", "-m", help="Model directory (save_pretrained layout)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Model directory (save_pretrained layout), a .gguf file, or a folder holding one."),
     output: Path = OUTPUT,
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer directory (default: --model)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer directory or .gguf file (default: --model)."),
     method: str = typer.Option("greedy", "--method", help="greedy, or sample: the most probable of --k samples."),
     k: int = typer.Option(8, "--k", help="Samples per prompt (--method sample)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Longest top output, in tokens."),

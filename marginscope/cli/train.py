@@ -15,7 +15,7 @@ from .common import out, parse_hparams, user_errors
 
 @user_errors
 def train_command(
-    model: Path = typer.Option(..., "--model", "-m", help="Model directory (save_pretrained layout, with its tokenizer)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Model directory (save_pretrained layout, with its tokenizer), or a .gguf file."),
     data: Path = typer.Option(..., "--data", "-d", help="Training pairs (JSONL in the probe format; 'extra' is ignored)."),
     loss: str = typer.Option("dpo", "--loss", help="Loss of the zoo (see docs/losses.md)."),
     beta: Optional[float] = typer.Option(None, "--beta", help="The loss's beta (shortcut for --hparam beta=…)."),
@@ -41,7 +41,7 @@ def train_command(
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Save a checkpoint every K steps (needs --out-dir)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out-dir (and its trace)."),
     resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
-    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference model directory (default: the initial model)."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference model directory or .gguf file (default: the initial model)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, …"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (saved dtype), float32, float64, bfloat16, float16."),
     add_eos: bool = typer.Option(False, "--add-eos", help="Append EOS to every response."),

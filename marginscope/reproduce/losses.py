@@ -27,7 +27,8 @@ from ..losses import get as get_loss
 from ..trace import open_trace
 from ..trace.summary import summarize
 from .findings import Finding, StudyResult, agree, fmt, robust, seed_flags, seed_mean
-from .models import RunSetting, Say, preference_run, prepare_out, save_figures, sentiment_sft, sft_preference
+from .models import (
+    RunSetting, Say, preference_run, prepare_out, record_sft, save_figures, sentiment_sft, sft_preference)
 
 NAME = "losses"
 TITLE = "Ten margin-based losses (Table 2) on one probe task: chosen and rejected trends"
@@ -49,7 +50,8 @@ class Config:
 
     @classmethod
     def reduced(cls) -> Config:
-        return cls(seeds=1, figures=False, demo=replace(DemoConfig(), sft_statements=24, sft_steps=20, probes=3,
+        return cls(seeds=1, figures=False, demo=replace(DemoConfig(), sft_statements=24, sft_max_steps=20,
+                                                         sft_check_every=10, probes=3,
                                                          train_pairs=6, dpo_steps=2, dpo_batch=3, every=2))
 
     def setting(self) -> RunSetting:
@@ -146,7 +148,8 @@ def run(out: Path, *, config: Config = Config(), cache: Path | None = None, say:
     first_tokenizer = None
     for seed in seeds:
         say(f"[{NAME}] seed {seed}: SFT model (cache {cache})")
-        sft, tokenizer = sentiment_sft(seed, cache, config.demo)
+        sft, tokenizer, sft_report = sentiment_sft(seed, cache, config.demo)
+        record_sft(context, sft_report, say, f"[{NAME}] seed {seed}")
         first_tokenizer = tokenizer if first_tokenizer is None else first_tokenizer
         probes, pairs = style_probes(replace(config.demo, seed=seed), config.style)
         folder = prepare_out(out / f"seed{seed}")

@@ -1,7 +1,8 @@
 """The studies' tiny SFT models (cached), their preference runs and their figures.
 
 Sentiment models are the embedded demo's (`marginscope.demo.recipe.sft_model`, one cache folder per
-seed); the arithmetic model is trained the same way (`build_tokenizer`, `build_model`, `train_lm`) on
+seed), or a user's pretrained model SFT'd on the same task (`pretrained_sft`); the arithmetic model is
+trained the same way (`build_tokenizer`, `build_model`, `train_lm`) on
 the correct completions of `ms.probes.arithmetic` questions, and cached under a hash of its recipe.
 """
 
@@ -11,6 +12,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import re
 import shutil
 import traceback
 from dataclasses import asdict, dataclass, replace
@@ -19,12 +21,13 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from ..demo.recipe import DemoConfig, sft_model, train_lm
+from ..demo.recipe import (
+    DemoConfig, SFTReport, sft_corpus, sft_eval_pairs, sft_model, sft_until_ranked, train_lm, describe_sft)
 from ..demo.tiny import build_model, build_tokenizer
 from ..errors import MarginscopeError
-from ..loading import load_model, load_tokenizer
+from ..loading import load_model, load_tokenizer, model_name
 from ..probes import ProbeSet, arithmetic
 from ..trace import open_trace
 from ..train import TrainConfig, TrainResult, train
@@ -32,10 +35,74 @@ from ..train import TrainConfig, TrainResult, train
 Say = Callable[[str], None]
 
 
-def sentiment_sft(seed: int, cache: Path, base: DemoConfig = DemoConfig()) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """The demo's SFT'd tiny GPT-2 for `seed` (its recipe otherwise unchanged), cached in
-    `cache/sentiment-seed<seed>`."""
+def sentiment_sft(seed: int, cache: Path, base: DemoConfig = DemoConfig()
+                  ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast, SFTReport]:
+    """The demo's SFT'd tiny GPT-2 for `seed` (its recipe otherwise unchanged; SFT until it ranks the
+    labels), its tokenizer and SFT report, cached in `cache/sentiment-seed<seed>`."""
     return sft_model(replace(base, seed=seed), Path(cache) / f"sentiment-seed{seed}")
+
+
+@dataclass(frozen=True)
+class PretrainedSFT:
+    """Recipe of the short SFT of a user's pretrained model on the sentiment task (margin-pitfalls §4.2
+    SFTs its pretrained GPT-2 before DPO): next-token prediction on `statements` correct completions per
+    style (the demo's corpus of the seed), AdamW at `lr` (20 warmup steps, then constant), until the
+    fraction of held-out pairs ranked right (`eval` per style) reaches `target` and their chosen
+    responses' per-token log-prob gains less than `plateau` nats per check (the model has learned the
+    response templates too: an instruct model ranks the labels before any SFT), checked every
+    `check_every` steps, at most `max_steps`. Only the top `train_layers` transformer blocks and the
+    final norm are trained, here and in the DPO runs that follow (None: every parameter): the backward
+    pass then stops at the lowest trained block, which keeps a 135M model tractable on a laptop CPU."""
+
+    statements: int = 48
+    eval: int = 8
+    lr: float = 3e-4
+    batch: int = 8
+    check_every: int = 10
+    target: float = 0.95
+    plateau: float = 0.02
+    max_steps: int = 40
+    train_layers: int | None = 4
+
+
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def train_top_layers(model: PreTrainedModel, k: int | None) -> int:
+    """Make only the top `k` transformer blocks (parameter names `….layers.<i>.…`, i ≥ n − k) and the
+    final norm (a name with "norm" or "ln_f" outside the blocks) trainable; None: every parameter.
+    Embeddings and the (often tied) LM head are frozen. Returns the number of trainable parameters;
+    raises `MarginscopeError` when k is not between 1 and the number of blocks."""
+    if k is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return sum(p.numel() for p in model.parameters())
+    n = getattr(model.config, "num_hidden_layers", None)
+    if not isinstance(n, int) or not 1 <= k <= n:
+        raise MarginscopeError(f"train_layers must be between 1 and the model's {n} blocks; got {k!r}")
+    total = 0
+    for name, p in model.named_parameters():
+        block = _LAYER_INDEX.search(name)
+        trainable = int(block.group(1)) >= n - k if block else ("norm" in name or "ln_f" in name)
+        p.requires_grad_(trainable)
+        total += p.numel() if trainable else 0
+    return total
+
+
+def pretrained_sft(model_path: str | Path, recipe: PretrainedSFT, seed: int, say: Say
+                   ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, SFTReport]:
+    """A user's pretrained model (a model directory or GGUF file, loaded in float32) SFT'd on the
+    sentiment task for `seed` until it ranks the labels (`PretrainedSFT`); not cached."""
+    model, tokenizer = load_model(model_path, dtype="float32"), load_tokenizer(model_path)
+    trainable = train_top_layers(model, recipe.train_layers)
+    demo = replace(DemoConfig(), seed=seed, sft_statements=recipe.statements, sft_eval=recipe.eval)
+    corpus = sft_corpus(demo)
+    say(f"SFT of {model_name(model_path)} ({trainable:,} trainable parameters) on {len(corpus)} statements")
+    report = sft_until_ranked(model, tokenizer, corpus, sft_eval_pairs(demo, corpus), lr=recipe.lr,
+                              batch=recipe.batch, max_steps=recipe.max_steps, check_every=recipe.check_every,
+                              target=recipe.target, plateau=recipe.plateau, seed=seed,
+                              say=lambda line: say(f"  {line}"))
+    return model, tokenizer, report
 
 
 @dataclass(frozen=True)
@@ -73,8 +140,7 @@ def arithmetic_sft(recipe: ArithmeticSFT, seed: int, cache: Path) -> tuple[PreTr
     corpus = recipe.corpus(seed)
     tokenizer = build_tokenizer(corpus, vocab_size=recipe.vocab_size)
     model = build_model("gpt2", tokenizer, seed=seed, width=recipe.width, layers=recipe.layers)
-    train_lm(model, tokenizer, corpus, replace(DemoConfig(), seed=seed, sft_steps=recipe.steps,
-                                               sft_batch=recipe.batch, sft_lr=recipe.lr))
+    train_lm(model, tokenizer, corpus, steps=recipe.steps, batch=recipe.batch, lr=recipe.lr, seed=seed)
     if folder.exists():
         shutil.rmtree(folder)
     model.save_pretrained(folder)
@@ -117,6 +183,15 @@ def check_trace(path: Path, steps: int, every: int) -> None:
     if got != expected or not finite:
         raise MarginscopeError(f"{path}: the tracker recorded steps {got} (expected {expected}"
                                f"{'' if finite else ', all finite'}); see the log for the failing measurement")
+
+
+def record_sft(context: dict[str, list], report: SFTReport, say: Say, where: str) -> None:
+    """Append one seed's SFT outcome to a study's context (`sft_steps`, `sft_label_accuracy`: the
+    fraction of held-out pairs ranked right after SFT; `sft_chosen_token_logp`) and say it."""
+    context.setdefault("sft_steps", []).append(report.steps)
+    context.setdefault("sft_label_accuracy", []).append(report.accuracy)
+    context.setdefault("sft_chosen_token_logp", []).append(report.chosen_logp)
+    say(f"{where}: SFT {describe_sft(report)}")
 
 
 def sft_preference(trace: Path) -> dict[str, float]:

@@ -9,6 +9,11 @@ changes the SFT model, its corpus, the probes and the training pairs.
 Claims: the chosen log-prob rises only for the single-token style; it falls more for the long suffix
 than for the short one; cos(a_w, a_l) grows with the suffix length; the per-token gradient cosine of
 the long style is negative at the differing token and positive along the shared suffix.
+
+With `Config.for_model(path)` (`marginscope reproduce sentiment --model DIR_OR_GGUF`) the same runs start
+from a user's pretrained model instead: a short SFT on the task until it ranks the labels
+(`PretrainedSFT`, measured per seed), then DPO per style at a pretrained-model learning rate
+(`PRETRAINED_DPO`), training only the model's top blocks.
 """
 
 from __future__ import annotations
@@ -21,13 +26,25 @@ from typing import Any
 import numpy as np
 
 from ..demo.recipe import STYLES, DemoConfig, style_run, summarize_style
+from ..loading import model_name
 from ..trace import open_trace
 from .findings import Finding, StudyResult, agree, fmt, robust, seed_flags, seed_mean
-from .models import Say, prepare_out, save_figures, sentiment_sft, sft_preference
+from .models import (
+    PretrainedSFT, Say, prepare_out, pretrained_sft, record_sft, save_figures, sentiment_sft, sft_preference)
 
 NAME = "sentiment"
 TITLE = "DPO on sentiment pairs: single token vs short and long shared suffix"
+TAKES_MODEL = True  # `--model`: run on a user's pretrained model (Config.for_model)
 SOURCE = "margin-pitfalls (gradient entanglement) §4.2, Figures 3 and 4"
+
+
+# DPO on a user's pretrained model (`--model`), sized for a 135M model on a shared 2-core CPU: the demo's
+# runs with 4 probes per style, 12 steps recorded every 6, a pretrained-model learning rate
+# (margin-pitfalls DPOs its pretrained GPT-2 at 5e-6 for longer), and the per-token Gram in the "tail"
+# tier (the last block's MLP and final norm; the exact tier over the trained blocks takes minutes per
+# record there).
+PRETRAINED_DPO = replace(DemoConfig(), probes=4, token_probes=2, token_tier="tail", train_pairs=48, dpo_steps=12,
+                         dpo_batch=8, dpo_lr=2e-5, every=6)
 
 
 @dataclass(frozen=True)
@@ -36,11 +53,23 @@ class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
     heatmap_style: str = "long"  # the paper's Figure 4b instance
     figures: bool = True
+    model: str | None = None  # a pretrained model (directory or GGUF file) instead of the tiny ones
+    pretrained: PretrainedSFT = field(default_factory=PretrainedSFT)
+
+    @classmethod
+    def for_model(cls, model: str | Path, reduced: bool = False) -> Config:
+        """The study on a user's pretrained model: `PretrainedSFT` (SFT until it ranks the labels, top
+        blocks trained), then `PRETRAINED_DPO` per style; `reduced`: a seconds-long version for tests."""
+        if reduced:
+            return replace(cls.reduced(), model=str(model),
+                           pretrained=PretrainedSFT(statements=8, eval=4, max_steps=4, check_every=2, train_layers=1))
+        return cls(model=str(model), demo=PRETRAINED_DPO)
 
     @classmethod
     def reduced(cls) -> Config:
         """A seconds-long version for tests and smoke runs (the numbers mean nothing)."""
-        return cls(seeds=1, figures=False, demo=replace(DemoConfig(), sft_statements=24, sft_steps=20, probes=4,
+        return cls(seeds=1, figures=False, demo=replace(DemoConfig(), sft_statements=24, sft_max_steps=20,
+                                                         sft_check_every=10, probes=4,
                                                          token_probes=2, train_pairs=8, dpo_steps=4, dpo_batch=4,
                                                          every=2))
 
@@ -139,8 +168,8 @@ def _three(numbers: dict[str, Any], key: str, digits: int = 3) -> str:
     return ", ".join(f"{s} {fmt(seed_mean(numbers[f'{key}_{s}']), digits)}" for s in STYLES)
 
 
-def findings(numbers: dict[str, Any], heatmap_style: str = "long") -> list[Finding]:
-    """The study's findings from its per-seed numbers."""
+def findings(numbers: dict[str, Any], heatmap_style: str = "long", tier: str = "exact") -> list[Finding]:
+    """The study's findings from its per-seed numbers (`tier`: the per-token Gram's, for the text)."""
     def seeds(keys, cond):
         return agree(seed_flags(numbers, keys, cond))
 
@@ -162,14 +191,14 @@ def findings(numbers: dict[str, Any], heatmap_style: str = "long") -> list[Findi
                 decide_cosine_grows(numbers),
                 numbers={f"cosine_{s}": numbers[f"cosine_{s}"] for s in STYLES}),
         Finding(f"Per-token gradient cosine is negative at the differing token ({heatmap_style} style, Fig. 4b)",
-                "mean cos(∇log π(w_t), ∇log π(l_s)) over the differing tokens < 0",
+                f"mean cos(∇log π(w_t), ∇log π(l_s)) over the differing tokens < 0 (per-token tier: {tier})",
                 f"differing-token cosine {fmt(seed_mean(numbers['token_cos_diff']))} over "
                 f"{int(sum(numbers['token_records']))} probe-records "
                 f"({seeds(['token_cos_diff'], lambda v: v['token_cos_diff'] < 0)})",
                 decide_diff_negative(numbers),
                 numbers={"token_cos_diff": numbers["token_cos_diff"], "token_records": numbers["token_records"]}),
         Finding(f"Per-token gradient cosine is positive along the shared suffix ({heatmap_style} style, Fig. 4b)",
-                "mean cosine on the suffix diagonal (aligned tokens after the differing one) > 0",
+                f"mean cosine on the suffix diagonal (aligned tokens after the differing one) > 0 (tier: {tier})",
                 f"suffix cosine {fmt(seed_mean(numbers['token_cos_suffix']))} "
                 f"(shared prefix, identical by construction: {fmt(seed_mean(numbers['token_cos_prefix']))}; "
                 f"{seeds(['token_cos_suffix'], lambda v: v['token_cos_suffix'] > 0)})",
@@ -193,8 +222,13 @@ def run(out: Path, *, config: Config = Config(), cache: Path | None = None, say:
     first_tokenizer = None
     for seed in seeds:
         demo = replace(config.demo, seed=seed, styles=STYLES)
-        say(f"[{NAME}] seed {seed}: SFT model (cache {cache})")
-        sft, tokenizer = sentiment_sft(seed, cache, config.demo)
+        say(f"[{NAME}] seed {seed}: SFT model " + (f"(cache {cache})" if config.model is None else
+                                                   f"from {model_name(config.model)}"))
+        if config.model is None:
+            sft, tokenizer, sft_report = sentiment_sft(seed, cache, config.demo)
+        else:
+            sft, tokenizer, sft_report = pretrained_sft(config.model, config.pretrained, seed, say)
+        record_sft(context, sft_report, say, f"[{NAME}] seed {seed}")
         first_tokenizer = tokenizer if first_tokenizer is None else first_tokenizer
         folder = prepare_out(out / f"seed{seed}")
         for style in STYLES:
@@ -223,7 +257,8 @@ def run(out: Path, *, config: Config = Config(), cache: Path | None = None, say:
     figures, error = [], None
     if config.figures:
         figures, error = save_figures(traces[:len(STYLES)], out / "figures", first_tokenizer, say)
-    result = StudyResult(NAME, TITLE, SOURCE, _setting(config), seeds, findings(numbers, config.heatmap_style),
+    claims = findings(numbers, config.heatmap_style, config.demo.token_tier)
+    result = StudyResult(NAME, TITLE, SOURCE, _setting(config), seeds, claims,
                          observations, context, [str(t) for t in traces], figures, error,
                          time.perf_counter() - started, str(out))
     result.save(out)
@@ -233,5 +268,11 @@ def run(out: Path, *, config: Config = Config(), cache: Path | None = None, say:
 def _setting(config: Config) -> dict[str, Any]:
     demo = asdict(config.demo)
     demo.pop("seed", None)
-    return {"recipe": "embedded demo (marginscope.demo.recipe), seed varied", "heatmap_style": config.heatmap_style,
-            **demo, "figures": "seed 0's traces" if config.figures else "off"}
+    if config.model is None:
+        recipe = {"recipe": "embedded demo (marginscope.demo.recipe), seed varied"}
+    else:
+        demo = {k: v for k, v in demo.items() if not k.startswith("sft_") and k not in ("width", "layers", "vocab_size")}
+        recipe = {"recipe": "pretrained model: SFT until it ranks the labels, then the demo's DPO runs, seed varied",
+                  "model": model_name(config.model), "sft": asdict(config.pretrained)}
+    return {**recipe, "heatmap_style": config.heatmap_style, **demo,
+            "figures": "seed 0's traces" if config.figures else "off"}

@@ -31,7 +31,8 @@ from ..losses import get as get_loss
 from ..trace import open_trace
 from ..train import TrainResult
 from .findings import Finding, StudyResult, agree, fmt, robust, seed_flags, seed_mean
-from .models import RunSetting, Say, preference_run, prepare_out, save_figures, sentiment_sft, sft_preference
+from .models import (
+    RunSetting, Say, preference_run, prepare_out, record_sft, save_figures, sentiment_sft, sft_preference)
 
 NAME = "spo-stability"
 TITLE = "Stable preference loss vs DPO: margin target and gradient as π_l → 0"
@@ -53,7 +54,8 @@ class Config:
 
     @classmethod
     def reduced(cls) -> Config:
-        return cls(seeds=1, figures=False, demo=replace(DemoConfig(), sft_statements=24, sft_steps=20, probes=3,
+        return cls(seeds=1, figures=False, demo=replace(DemoConfig(), sft_statements=24, sft_max_steps=20,
+                                                         sft_check_every=10, probes=3,
                                                          train_pairs=6),
                    run=RunSetting(steps=4, batch=3, lr=5e-4, every=1))
 
@@ -187,7 +189,8 @@ def run(out: Path, *, config: Config = Config(), cache: Path | None = None, say:
     first_tokenizer = None
     for seed in seeds:
         say(f"[{NAME}] seed {seed}: SFT model (cache {cache})")
-        sft, tokenizer = sentiment_sft(seed, cache, config.demo)
+        sft, tokenizer, sft_report = sentiment_sft(seed, cache, config.demo)
+        record_sft(context, sft_report, say, f"[{NAME}] seed {seed}")
         first_tokenizer = tokenizer if first_tokenizer is None else first_tokenizer
         probes, pairs = style_probes(replace(config.demo, seed=seed), config.style)
         folder = prepare_out(out / f"seed{seed}")
