@@ -20,28 +20,22 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from marginscope.demo.recipe import DemoConfig, sft_model, style_run
-from marginscope.dynamics.summary import case_agreement, first_order_fit
 from marginscope.trace import open_trace
+from marginscope.trace.summary import agreement, agreement_tables, intervals
 
 
 def _report(path: Path, style: str, every: int) -> None:
     with open_trace(path) as tr:
-        names, predicted, observed, actual = tr.names, tr.predicted_delta, tr.observed_delta, tr.actual_delta
-        case, case_obs, case_act = tr.case, tr.case_observed, tr.case_actual
-    print(f"\n{style} style, a record every {every} step(s): {len(observed) - 1} intervals × {observed.shape[1]} probes")
-    print(f"{'response':<10} {'view':<14} {'r':>7} {'slope':>9} {'sign':>6}")
-    for j, name in enumerate(names):
-        for view, fit in (("self view", first_order_fit(predicted[:-1, :, j], observed[1:, :, j])),
-                          ("actual update", first_order_fit(actual[1:, :, j], observed[1:, :, j]))):
-            print(f"{name:<10} {view:<14} {fit.r:>7.3f} {fit.slope:>9.3g} {fit.sign_agreement:>6.0%}")
-    print(f"Case agreement: self/observed {case_agreement(case[:-1], case_obs[1:]):.0%}, "
-          f"actual/observed {case_agreement(case_act[1:], case_obs[1:]):.0%}, "
-          f"self/actual {case_agreement(case[:-1], case_act[1:]):.0%}; "
-          f"self view Case 1 {np.mean(case[:-1] == 1):.0%}, observed Case 1 {np.mean(case_obs[1:] == 1):.0%}")
+        summary, n_probes = agreement(intervals(tr), tr.names), len(tr.probe_ids)
+    print(f"\n{style} style, a record every {every} step(s): {summary['intervals']} intervals × {n_probes} probes")
+    for title, header, rows, caption in agreement_tables(summary):
+        print(f"{title}\n  " + " | ".join(header))
+        for row in rows:
+            print("  " + " | ".join(row))
+        print(f"  ({caption})")
 
 
 def main() -> None:

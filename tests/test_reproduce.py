@@ -20,6 +20,7 @@ from marginscope.reproduce import Finding, StudyResult, load_result
 from marginscope.reproduce import losses as losses_study
 from marginscope.reproduce import mass_shift, sentiment, spo_stability
 from marginscope.reproduce.findings import majority, robust
+from marginscope.trace.summary import agreement, intervals
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -191,6 +192,16 @@ def test_every_study_runs_on_its_reduced_setting(name, tmp_path, cache):
     assert lines and all(line.startswith(f"[{name}]") for line in lines)
     expected = {"sentiment": 5, "losses": 9, "mass-shift": 3, "spo-stability": 4}[name]
     assert len(result.findings) == expected
+    # the actual-update views are recorded and explain the observed changes; results.json carries them
+    assert result.explanation["traces"] == len(result.traces) > 0
+    fits = []
+    for path in result.traces:
+        with ms.trace.open(path) as tr:
+            fits.append(agreement(intervals(tr), tr.names)["fits"]["chosen"]["actual"]["r"])
+    assert result.explanation["chosen"]["actual"]["r"] == pytest.approx(np.nanmean(fits))
+    assert np.isfinite(result.explanation["chosen"]["actual"]["r"])
+    saved = load_result(tmp_path / name).explanation["chosen"]["actual"]["r"]
+    assert saved == pytest.approx(result.explanation["chosen"]["actual"]["r"])
 
 
 def test_a_failing_figure_is_reported_and_the_study_goes_on(tmp_path, cache, monkeypatch):
@@ -266,6 +277,7 @@ def test_cli_runs_a_reduced_study(tmp_path, cache):
     assert result.exit_code == 0, result.output
     assert "claim" in result.output and "holds" in result.output and "claims hold" in result.output
     assert "context (per seed): sft_steps" in result.output and "sft_label_accuracy" in result.output
+    assert "first order vs observed" in result.output and "actual update" in result.output
     saved = load_result(out)
     assert saved.name == "sentiment" and len(saved.findings) == 5
 

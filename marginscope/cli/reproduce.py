@@ -59,6 +59,8 @@ def reproduce_command(
             out.print(observations_table(result))
         if result.context:
             out.print(context_line(result), markup=False, highlight=False)
+        if result.explanation.get("traces"):
+            out.print(explanation_line(result), markup=False, highlight=False)
         out.print(footer(result), markup=False, highlight=False)
 
 
@@ -100,6 +102,13 @@ def context_line(result: StudyResult) -> str:
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
     return "context (per seed): " + "; ".join(f"{k} {show(v)}" for k, v in result.context.items())
+
+
+def explanation_line(result: StudyResult) -> str:
+    """What explains the observed changes: r of the self view and of the actual update, per response."""
+    parts = [f"{name} r self view {views['self']['r']:+.2f} / actual update {views['actual']['r']:+.2f}"
+             for name, views in result.explanation.items() if name in ("chosen", "rejected")]
+    return f"first order vs observed (mean over {result.explanation['traces']} traces): " + "; ".join(parts)
 
 
 def footer(result: StudyResult) -> str:

@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTok
 
 from ..dynamics.coefficients import classify_delta
 from ..dynamics.scoring import encode, sequence_logp
-from ..dynamics.summary import case_fractions, finite_mean, first_order_fit
+from ..dynamics.summary import case_fractions, finite_mean
 from ..errors import MarginscopeError
 from ..loading import load_model, load_tokenizer
 from ..probes import ProbeSet, sentiment, top
@@ -280,18 +280,14 @@ def summarize_style(style: str, path: Path) -> StyleSummary:
     with open_trace(path) as tr:
         summary = summarize(tr)
         logp, names = tr.logp, tr.names
-        predicted, observed, actual = tr.predicted_delta, tr.observed_delta, tr.actual_delta
     last = summary.records[-1]
     happened = classify_delta(logp[-1] - logp[0], names.index("chosen"), names.index("rejected"))
-    pick = ("chosen", "rejected")
+    fits = summary.agreement.get("fits", {})
+    fit_r = lambda view: {n: fits[n][view]["r"] if n in fits else float("nan") for n in ("chosen", "rejected")}  # noqa: E731
     return StyleSummary(style, path, {c: last[f"case{c}_frac"] for c in (1, 2, 3, 4)},
                         summary.trend.get("chosen", float("nan")), summary.trend.get("rejected", float("nan")),
                         finite_mean(np.array([r["cosine_mean"] for r in summary.records])),
-                        case_fractions(happened),
-                        {n: first_order_fit(predicted[:-1, :, names.index(n)], observed[1:, :, names.index(n)]).r
-                         for n in pick},
-                        {n: first_order_fit(actual[:, :, names.index(n)], observed[:, :, names.index(n)]).r
-                         for n in pick})
+                        case_fractions(happened), fit_r("self"), fit_r("actual"))
 
 
 def style_run(config: DemoConfig, style: str, sft: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,

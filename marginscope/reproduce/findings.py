@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import MarginscopeError
+from ..trace import open_trace
+from ..trace.summary import agreement, intervals
 
 RESULTS_FILE = "results.json"
 
@@ -63,6 +65,7 @@ class StudyResult:
     figures_error: str | None = None
     seconds: float = math.nan
     out: str | None = None
+    explanation: dict[str, Any] = field(default_factory=dict)  # see `explain`
 
     @property
     def holding(self) -> int:
@@ -79,6 +82,22 @@ class StudyResult:
         data = dict(data)
         data["findings"] = [Finding(**f) for f in data["findings"]]
         return cls(**data)
+
+    def explain(self) -> None:
+        """Fill `explanation` from the study's traces: per response, the mean over traces of Pearson r
+        (and sign agreement) of the self view and of the actual-update first order against the observed
+        change (`marginscope.trace.summary.agreement`; DESIGN.md §2b)."""
+        fits: dict[str, dict[str, list[tuple[float, float]]]] = {}
+        for path in self.traces:
+            with open_trace(path) as tr:
+                summary = agreement(intervals(tr), tr.names)
+            for name, views in summary.get("fits", {}).items():
+                for view, fit in views.items():
+                    fits.setdefault(name, {}).setdefault(view, []).append((fit["r"], fit["sign_agreement"]))
+        mean = lambda values: float(np.nanmean(values)) if np.isfinite(values).any() else math.nan  # noqa: E731
+        self.explanation = {name: {view: {"r": mean([r for r, _ in v]), "sign": mean([s for _, s in v])}
+                                   for view, v in views.items()} for name, views in fits.items()}
+        self.explanation["traces"] = len(self.traces)
 
     def save(self, out: str | Path) -> Path:
         """Write the result as `out/results.json` (NaN as null); returns the path."""

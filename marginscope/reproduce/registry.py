@@ -60,7 +60,10 @@ class Study:
         elif seeds is not None:
             config = replace(config, seeds=seeds)
         with torch_threads(threads):
-            return self.module.run(Path(out), config=config, cache=None if cache is None else Path(cache), say=say)
+            result = self.module.run(Path(out), config=config, cache=None if cache is None else Path(cache), say=say)
+        result.explain()
+        result.save(out)
+        return result
 
 
 STUDIES: dict[str, Study] = {
