@@ -42,7 +42,8 @@ from .checkpoint import versions
 from .dynamics.inrun import InRunGeometry, InRunPairs
 from .dynamics.measure import check_options, measure, pair_dynamics_of
 from .conventions import check_convention, encode_probes
-from .dynamics.scoring import EncodedProbe, model_max_length, score_rows, sequence_logp, top_tokens
+from .dynamics.scoring import (EncodedProbe, model_max_length, score_rows, sequence_logp, top_tokens,
+                               vocabulary_text)
 from .dynamics.summary import inrun_summary, record_summary
 from .errors import MarginscopeError
 from .integrations.distributed import broadcast_from_main, gather_to_main, my_chunks, unwrap_model, world
@@ -373,7 +374,8 @@ class Tracker:
                           int(self.lengths[i, self.names.index("rejected")])) for i in self.token_gram_probes}
             self._writer = TraceWriter.create(self.path, probes=self.probes, encoded=self.encoded, names=self.names,
                                               metadata=metadata, ref_logp=self._ref_logp, top_k=self.top_k,
-                                              token_gram_shapes=shapes, overwrite=True)
+                                              token_gram_shapes=shapes, overwrite=True,
+                                              vocab_text=vocabulary_text(self.tokenizer))
         self._writer.append(record)
         self._last_logp = logp
         self.summary = {f"marginscope/{k}": v for k, v in

@@ -78,6 +78,15 @@ def encode(tokenizer: PreTrainedTokenizerBase, probes, *, add_eos: bool = False,
     return encoded
 
 
+def vocabulary_text(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The decoded text of every token id 0 .. len(tokenizer)−1 on its own (special tokens included,
+    spaces kept; a NUL character written as the four characters `\\x00`), what a trace stores so
+    figures show words without the tokenizer."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    return [t.replace("\x00", "\\x00") for t in texts]
+
+
 @dataclass
 class ScoredRows:
     """Per-token log-probs of a batch of rows; `mask` marks real response tokens."""
@@ -155,8 +164,10 @@ def sequence_logp(model: PreTrainedModel, encoded: Sequence[EncodedProbe], *, ba
             for start in range(0, len(encoded), batch_size):
                 chunk = encoded[start:start + batch_size]
                 rows = [row for probe in chunk for row in probe.rows()]
-                logp = score_rows(model, rows, padding_side=padding_side, pad_id=pad_id).logp
-                out.append(logp.to(torch.float64).cpu().reshape(len(chunk), -1))
+                # summed in float64 like `measure`'s per-token log-probs, so a reference equal to the
+                # policy gives a reward of exactly 0
+                token_logp = score_rows(model, rows, padding_side=padding_side, pad_id=pad_id).token_logp
+                out.append(token_logp.to(torch.float64).sum(-1).cpu().reshape(len(chunk), -1))
     finally:
         model.train(was_training)
     return torch.cat(out)

@@ -99,10 +99,10 @@ def mass_shift(trace: TraceLike, *, probe: str | None = None, step: int | None =
                 "topk_ids": tr.topk_ids[:, n], "topk_prob": finite(tr.topk_prob[:, n]),
                 "response_ids": [tr.input_ids(n, r)[1] for r in range(len(names))]}
         probe_id = tr.probe_ids[n]
+        tokenizer = load_tokenizer_like(tokenizer, tr)
     title = f"Mass shift · {label}"
     if not len(steps):
         return message_figure(title, "no records yet")
-    tokenizer = load_tokenizer_like(tokenizer)
     colors = response_colors(names)
     fig = new_figure(12.0, 8.4, f"{title} · step {steps[0]} → {steps[s1]}")
     (ax_a, ax_b), (ax_c, ax_d) = fig.subplots(2, 2)

@@ -52,7 +52,7 @@ def _token_grams(tr, probe: str | None, tokenizer: Any | None) -> TokenGrams | s
     ids_w = tr.input_ids(n, names.index("chosen"))[1]
     ids_l = tr.input_ids(n, names.index("rejected"))[1]
     diff_w, diff_l = differing_tokens(ids_w, ids_l)
-    tok = load_tokenizer_like(tokenizer)
+    tok = load_tokenizer_like(tokenizer, tr)
     return TokenGrams(ids[n], tg["step"], finite(tg["gram"]), token_cosine(tg["gram"], tg["sqnorm_w"], tg["sqnorm_l"]),
                       [token_text(i, tok) for i in ids_w], [token_text(i, tok) for i in ids_l], diff_w, diff_l)
 
