@@ -19,8 +19,8 @@ per-token Gram of a chosen subset of probes. In-run rows (training-batch pairs) 
 The never-hurt-the-run policy: measurements run in eval mode without touching `.grad`; the RNG state,
 train/eval mode and grad mode are restored afterwards; an exception inside a measurement is logged once
 and disables that measurement (geometry, per_token, top_k, in_run, trace), never training. Problems a
-user can fix (bad probe file, trace exists, options) raise `MarginscopeError` at construction, before
-any training step. Under torch.distributed every rank calls the same methods; probes are split across
+user can fix (bad probe file, trace exists, options, a tokenizer or reference that does not fit the
+model's vocabulary) raise `MarginscopeError` at construction, before any training step. Under torch.distributed every rank calls the same methods; probes are split across
 ranks, results gathered, and rank 0 alone writes.
 """
 
@@ -41,6 +41,7 @@ from . import losses as loss_zoo
 from .checkpoint import versions
 from .dynamics.inrun import InRunGeometry, InRunPairs
 from .dynamics.measure import check_options, measure, pair_dynamics_of
+from .compatibility import check_compatible
 from .conventions import check_convention, encode_probes
 from .dynamics.scoring import (EncodedProbe, model_max_length, score_rows, sequence_logp, top_tokens,
                                vocabulary_text)
@@ -123,8 +124,9 @@ class Tracker:
     trace attribute `reference_noise_floor` (nats).
     convention / max_length / truncation_mode / add_eos: how probes become token ids
     (`marginscope.conventions`; default "trl", TRL 1.x's DPOTrainer), recorded in the trace; `encoded`
-    (one `EncodedProbe` per probe) overrides them with ids prepared elsewhere (TRLCallback does). start_step > 0 with an existing trace resumes it: records past start_step are dropped, the
-    run appends to the same file, and start_step itself is recorded only when it is on the `every`
+    (one `EncodedProbe` per probe) overrides them with ids prepared elsewhere (TRLCallback does).
+    start_step > 0 with an existing trace resumes it: records past start_step are dropped, the run
+    appends to the same file, and start_step itself is recorded only when it is on the `every`
     schedule (so a resumed trace equals an uninterrupted one); start_step = 0 refuses an existing file
     unless `overwrite`.
     """
@@ -161,6 +163,8 @@ class Tracker:
             raise MarginscopeError("encoded: one EncodedProbe per probe, in the probe set's order")
         else:
             self.encoded = list(encoded)
+        check_compatible(self.model, tokenizer, None if ref_model is None else unwrap_model(ref_model),
+                         encoded=self.encoded)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.lengths = np.array([[len(ids) for ids in e.response_ids] for e in self.encoded], dtype=np.int64)
         self.token_gram_probes = self._token_gram_indices(per_token, per_token_probes)

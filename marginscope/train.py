@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import losses as loss_zoo
 from .checkpoint import check_output_path
-from .compatibility import resolve_device
+from .compatibility import check_compatible, resolve_device
 from .conventions import check_convention, encode_probes
 from .dynamics.inrun import score_pairs
 from .dynamics.measure import check_options
@@ -317,6 +317,7 @@ class _Setup:
         if not any(p.requires_grad for p in model.parameters()):
             raise MarginscopeError("the model has no trainable parameter (requires_grad is False everywhere)")
         ref_model = _reference_model(config, ref_model, model) if state is None else None
+        check_compatible(model, tokenizer, ref_model, encoded=encoded)
         return cls(loss_fn, probes, model, tokenizer, ref_model, encoded, order, run, state)
 
     def loop(self, config: TrainConfig, rank: int) -> _Loop:
