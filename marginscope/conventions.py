@@ -24,6 +24,7 @@ since the prompt would then differ between chosen and rejected.
 from __future__ import annotations
 
 import contextlib
+import functools
 from types import SimpleNamespace
 from typing import Any
 
@@ -134,13 +135,14 @@ def _trl_rows(tokenizer, probes, trainer) -> list[EncodedProbe]:
     if any(p.prompt_messages for p in probes) and not getattr(tokenizer, "chat_template", None):
         raise MarginscopeError(f"{probes.source}: conversational probes (prompt_messages) need a tokenizer "
                                "with a chat template")
-    owner_self = trainer if trainer is not None else SimpleNamespace(_tokenizer=tokenizer)
+    # the trainer's own method (a subclass override included), else TRL's on this tokenizer
+    prepare = trainer._prepare_dataset if trainer is not None else functools.partial(
+        DPOTrainer._prepare_dataset, SimpleNamespace(_tokenizer=tokenizer))
     # no max_length here: TRL's filter would silently drop a probe; truncation is applied afterwards
     args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
     with _quiet_datasets():
         try:
-            prepared = DPOTrainer._prepare_dataset(owner_self, Dataset.from_list(examples), tokenizer, args,
-                                                   "marginscope probes")
+            prepared = prepare(Dataset.from_list(examples), tokenizer, args, "marginscope probes")
         except Exception as err:  # noqa: BLE001 — a template/tokenizer failure, reported in one line
             raise MarginscopeError(f"{probes.source}: TRL's data preparation failed on the probes: "
                                    f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
@@ -163,12 +165,12 @@ def _trl_rows(tokenizer, probes, trainer) -> list[EncodedProbe]:
                 "end the prompt on a token boundary")
         responses[n].append(tuple(full[len(prompt):]))
     out = [EncodedProbe(p.id, tuple(prompts[n]), tuple(responses[n])) for n, p in enumerate(probes)]
-    for probe, name_ids in ((e, zip(names, e.response_ids)) for e in out):
+    for probe in out:
         if not probe.prompt_ids:
             raise MarginscopeError(f"probe {probe.probe_id!r}: the prompt tokenizes to no ids shared with the "
                                    "responses and the tokenizer adds no BOS, so the first response token has no "
                                    "context")
-        for name, ids in name_ids:
+        for name, ids in zip(names, probe.response_ids):
             if not ids:
                 raise MarginscopeError(f"probe {probe.probe_id!r}: response {name!r} tokenizes to no ids")
     return out

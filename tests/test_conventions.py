@@ -10,6 +10,8 @@ then a frozen copy of that adapter, or the model with its adapters disabled wher
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -186,3 +188,18 @@ def test_conversational_probes_keep_their_messages_through_the_file(chat_tokeniz
                                         '"prompt_messages": [{"role": "user"}]}\n')
     with pytest.raises(ms.errors.InputError, match=r"bad.jsonl:1: field 'prompt_messages\[0\]'"):
         ms.probes.load(tmp_path / "bad.jsonl")
+
+
+def test_from_preferences_keeps_the_messages_and_counts_lengths_as_scored(chat_tokenizer, tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]} for q, c, r in PAIRS]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    probes = ms.probes.from_preferences(data, n=len(rows), tokenizer=chat_tokenizer)
+    assert probes[0].prompt_messages == [{"role": "user", "content": PAIRS[0][0]}]
+    encoded = encode_probes(chat_tokenizer, probes)
+    end = chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert all(r[-2] == end for e in encoded for r in e.response_ids)
+    lengths = [len(e.prompt_ids) + max(map(len, e.response_ids)) for e in encoded]
+    kept = ms.probes.from_preferences(data, n=1, tokenizer=chat_tokenizer, max_len=min(lengths))
+    assert [p.id for p in kept] == [probes[lengths.index(min(lengths))].id]
