@@ -97,7 +97,10 @@ class ScoredRows:
 
     @property
     def logp(self) -> torch.Tensor:
-        return self.token_logp.sum(-1)
+        """[B] sequence log-probs, summed in float64 (differentiable): every path (measure, the
+        reference, a training step) sums the same float32-or-wider token log-probs the same way, so a
+        reference equal to the policy gives a reward of exactly 0."""
+        return self.token_logp.to(torch.float64).sum(-1)
 
     def detach(self) -> ScoredRows:
         return ScoredRows(self.token_logp.detach(), self.mask, self.logit_pos)
@@ -164,10 +167,8 @@ def sequence_logp(model: PreTrainedModel, encoded: Sequence[EncodedProbe], *, ba
             for start in range(0, len(encoded), batch_size):
                 chunk = encoded[start:start + batch_size]
                 rows = [row for probe in chunk for row in probe.rows()]
-                # summed in float64 like `measure`'s per-token log-probs, so a reference equal to the
-                # policy gives a reward of exactly 0
-                token_logp = score_rows(model, rows, padding_side=padding_side, pad_id=pad_id).token_logp
-                out.append(token_logp.to(torch.float64).sum(-1).cpu().reshape(len(chunk), -1))
+                logp = score_rows(model, rows, padding_side=padding_side, pad_id=pad_id).logp
+                out.append(logp.cpu().reshape(len(chunk), -1))
     finally:
         model.train(was_training)
     return torch.cat(out)
