@@ -1,8 +1,10 @@
 """Response sets → token ids → per-token and sequence log-probs.
 
-Tokenization convention (the one TRL's DPOTrainer uses): the prompt is tokenized with the
-tokenizer's special tokens (e.g. BOS), each response on its own without special tokens (optionally
-followed by EOS), and the two id lists are concatenated. The prompt always takes part in the
+`encode` is the "separate" convention: the prompt is tokenized with the tokenizer's special tokens
+(e.g. BOS), each response on its own without special tokens (optionally followed by EOS), and the two
+id lists are concatenated (TRL 0.x). TRL 1.x's joint tokenization ("trl", the default elsewhere)
+calls TRL itself and lives outside this package, in `marginscope.conventions`; both give
+`EncodedProbe`s with one prompt shared by the probe's responses. The prompt always takes part in the
 forward pass but is never scored: for a response y of T tokens,
 
     log π(y | x) = Σ_t log softmax(f(x, y_<t))[y_t].
