@@ -12,7 +12,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import dynamics, integrations, losses, plots, probes, report, reproduce, trace, train
+from . import conventions, dynamics, integrations, losses, plots, probes, report, reproduce, trace, train
 from .dynamics import measure
 from .errors import InputError, MarginscopeError
 from .tracker import Tracker
@@ -22,5 +22,5 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+local"
 
-__all__ = ["InputError", "MarginscopeError", "Tracker", "__version__", "dynamics", "integrations", "losses", "measure",
+__all__ = ["InputError", "MarginscopeError", "Tracker", "__version__", "conventions", "dynamics", "integrations", "losses", "measure",
            "plots", "probes", "report", "reproduce", "trace", "train"]

@@ -19,8 +19,8 @@ per-token Gram of a chosen subset of probes. In-run rows (training-batch pairs) 
 The never-hurt-the-run policy: measurements run in eval mode without touching `.grad`; the RNG state,
 train/eval mode and grad mode are restored afterwards; an exception inside a measurement is logged once
 and disables that measurement (geometry, per_token, top_k, in_run, trace), never training. Problems a
-user can fix (bad probe file, trace exists, options) raise `MarginscopeError` at construction, before
-any training step. Under torch.distributed every rank calls the same methods; probes are split across
+user can fix (bad probe file, trace exists, options, a tokenizer or reference that does not fit the
+model's vocabulary) raise `MarginscopeError` at construction, before any training step. Under torch.distributed every rank calls the same methods; probes are split across
 ranks, results gathered, and rank 0 alone writes.
 """
 
@@ -43,8 +43,11 @@ from .dynamics.coefficients import classify_delta
 from .dynamics.exact import select_parameters
 from .dynamics.inrun import InRunGeometry, InRunPairs
 from .dynamics.measure import check_options, measure, pair_dynamics_of
+from .compatibility import check_compatible
+from .conventions import check_convention, encode_probes
 from .dynamics.optimizers import STEP_PARTS
-from .dynamics.scoring import EncodedProbe, encode, model_max_length, score_rows, sequence_logp, top_tokens
+from .dynamics.scoring import (EncodedProbe, model_max_length, score_rows, sequence_logp, top_tokens,
+                               vocabulary_text)
 from .dynamics.summary import inrun_summary, record_summary, update_summary
 from .dynamics.update import directional_logp, trapezoid
 from .errors import MarginscopeError
@@ -126,8 +129,14 @@ class Tracker:
     loss: a `PairLoss` or a registered loss name (d_w/d_l, Cases, predictions). per_token: None,
     "head", "tail" or "exact" for the per-token Gram of `per_token_probes` (ids; default all probes).
     top_k: next tokens kept per position. Reference log-probs: `ref_logp` [N, R], else those of
-    `ref_model`, else the model's own at the first record (the usual DPO set-up: reference = initial
-    policy).
+    `ref_model` (inside `ref_context()` when given, e.g. a PEFT model's `disable_adapter`; `ref_model`
+    then defaults to the model itself), else the model's own at the first record (the usual DPO
+    set-up: reference = initial policy). A reference in another dtype than the policy (bf16 policy, fp32
+    reference) makes the step-0 reward non-zero: its size is logged as a warning and recorded as the
+    trace attribute `reference_noise_floor` (nats).
+    convention / max_length / truncation_mode / add_eos: how probes become token ids
+    (`marginscope.conventions`; default "trl", TRL 1.x's DPOTrainer), recorded in the trace; `encoded`
+    (one `EncodedProbe` per probe) overrides them with ids prepared elsewhere (TRLCallback does).
 
     What actually happened (DESIGN.md §2b; the "update" measurement): at every record after the first,
     `actual_delta` = ½⟨a(θ_prev) + a(θ_now), θ_now − θ_prev⟩ per response and per token, θ_prev the
@@ -136,8 +145,9 @@ class Tracker:
     step before each record is captured by a step pre-hook: `step_delta` = ⟨a(θ_t), θ_t − θ_{t−1}⟩ and,
     for torch Adam/AdamW/SGD, its split into "gradient", "momentum" and "weight_decay" parts by the
     optimizer's formula, plus the "residual" the formula leaves (float rounding); other optimizers get
-    step_delta only and the metadata says why. start_step > 0 with an existing trace resumes it: records past start_step are dropped, the
-    run appends to the same file, and start_step itself is recorded only when it is on the `every`
+    step_delta only and the metadata says why.
+    start_step > 0 with an existing trace resumes it: records past start_step are dropped, the run
+    appends to the same file, and start_step itself is recorded only when it is on the `every`
     schedule (so a resumed trace equals an uninterrupted one); start_step = 0 refuses an existing file
     unless `overwrite`.
     """
@@ -146,7 +156,10 @@ class Tracker:
                  loss, every: int = 10, *, params="trainable", engine: str = "auto",
                  per_token: str | None = None, per_token_probes: Sequence[str] | None = None, top_k: int = 5,
                  ref_model: nn.Module | None = None, ref_logp: np.ndarray | None = None, batch_size: int = 8,
-                 padding_side: str = "right", add_eos: bool = False, start_step: int = 0,
+                 padding_side: str = "right", convention: str = "trl", max_length: int | None = None,
+                 truncation_mode: str = "keep_start", add_eos: bool = False,
+                 encoded: Sequence[EncodedProbe] | None = None,
+                 ref_context: Callable[[], contextlib.AbstractContextManager] | None = None, start_step: int = 0,
                  overwrite: bool = False, metadata: dict[str, Any] | None = None, optimizer=None,
                  snapshot_device: str | torch.device | None = None) -> None:
         if every < 1:
@@ -154,17 +167,27 @@ class Tracker:
         if top_k < 1:
             raise MarginscopeError(f"top_k must be ≥ 1; got {top_k}")
         check_options(engine=engine, per_token=per_token, batch_size=batch_size, padding_side=padding_side)
+        check_convention(convention, max_length=max_length, truncation_mode=truncation_mode, add_eos=add_eos)
         self.model = unwrap_model(model)
         self.tokenizer, self.every, self.top_k = tokenizer, every, top_k
         self.loss = loss_zoo.get(loss) if isinstance(loss, str) else loss
         self.probes = probes if isinstance(probes, ProbeSet) else load_probes(probes)
         self.names = list(self.probes.response_names)
         self.path = Path(path)
-        self.options = dict(params=params, engine=engine, batch_size=batch_size, padding_side=padding_side,
-                            add_eos=add_eos)
+        self.options = dict(params=params, engine=engine, batch_size=batch_size, padding_side=padding_side)
+        self.convention = dict(convention=convention, max_length=max_length, truncation_mode=truncation_mode,
+                               add_eos=add_eos)
         self.per_token = per_token
         self.scope = select_parameters(self.model, params)
-        self.encoded = encode(tokenizer, self.probes, add_eos=add_eos, max_length=model_max_length(self.model))
+        if encoded is None:
+            self.encoded = encode_probes(tokenizer, self.probes, **self.convention,
+                                         context_length=model_max_length(self.model))
+        elif [e.probe_id for e in encoded] != self.probes.ids:
+            raise MarginscopeError("encoded: one EncodedProbe per probe, in the probe set's order")
+        else:
+            self.encoded = list(encoded)
+        check_compatible(self.model, tokenizer, None if ref_model is None else unwrap_model(ref_model),
+                         encoded=self.encoded)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.lengths = np.array([[len(ids) for ids in e.response_ids] for e in self.encoded], dtype=np.int64)
         self.token_gram_probes = self._token_gram_indices(per_token, per_token_probes)
@@ -186,7 +209,9 @@ class Tracker:
         if self._ref_logp is not None and self._ref_logp.shape != self.lengths.shape:
             raise MarginscopeError(f"ref_logp has shape {self._ref_logp.shape}; expected {self.lengths.shape}")
         self._extra_metadata = dict(metadata or {})
-        self._start(start_step, overwrite, ref_model)
+        self._ref_dtype: torch.dtype | None = None
+        self._noise_floor: float | None = None
+        self._start(start_step, overwrite, ref_model, ref_context)
 
     # --- public -------------------------------------------------------------------------------------
 
@@ -247,7 +272,8 @@ class Tracker:
             raise MarginscopeError(f"per_token_probes: no probe with id {unknown[0]!r}")
         return sorted(known.index(i) for i in dict.fromkeys(ids))
 
-    def _start(self, start_step: int, overwrite: bool, ref_model: nn.Module | None) -> None:
+    def _start(self, start_step: int, overwrite: bool, ref_model: nn.Module | None,
+               ref_context: Callable[[], contextlib.AbstractContextManager] | None) -> None:
         record_now = True
         if self.rank == 0:
             if self.path.exists() and start_step > 0:
@@ -263,9 +289,10 @@ class Tracker:
                                        "start_step > 0 to resume it")
             elif not self.path.parent.is_dir():
                 raise MarginscopeError(f"{self.path}: folder {self.path.parent} does not exist")
-            if self._ref_logp is None and ref_model is not None:
-                ref = unwrap_model(ref_model)
-                with preserved_state(ref):
+            if self._ref_logp is None and (ref_model is not None or ref_context is not None):
+                ref = self.model if ref_model is None else unwrap_model(ref_model)
+                self._ref_dtype = next(ref.parameters()).dtype
+                with preserved_state(ref), (ref_context() if ref_context is not None else contextlib.nullcontext()):
                     self._ref_logp = sequence_logp(
                         ref, self.encoded, batch_size=self.options["batch_size"],
                         padding_side=self.options["padding_side"], pad_id=self.pad_id).numpy()
@@ -309,7 +336,7 @@ class Tracker:
             "reference": "given" if self._ref_logp is not None else "initial policy (first record)",
             "loss": self.loss.name, "loss_hparams": self.loss.hparams, "engine": self.options["engine"],
             "per_token": self.per_token, "per_token_probes": [self.probes.ids[i] for i in self.token_gram_probes],
-            "top_k": self.top_k, "padding_side": self.options["padding_side"], "add_eos": self.options["add_eos"],
+            "top_k": self.top_k, "padding_side": self.options["padding_side"], **self.convention,
             "world_size": self.world_size, "step_split": self._step_split(), "step_parts": list(STEP_PARTS),
             "snapshot_device": str(self._snapshot_device or "parameters"), "versions": versions(),
             **self._extra_metadata,
@@ -341,7 +368,8 @@ class Tracker:
         n, r, t = len(indices), len(self.names), int(self.lengths.max())
         part: dict[str, Any] = {"index": indices, "gram": np.full((n, r, r), np.nan),
                                 "token_logp": np.full((n, r, t), np.nan), "token_gram": {}}
-        ok, geo = self.guard.run("geometry", lambda: measure(self.model, self.tokenizer, subset, **self.options))
+        ok, geo = self.guard.run("geometry", lambda: measure(self.model, self.tokenizer, subset, encoded=encoded,
+                                                             **self.options))
         if ok:
             part["gram"] = geo.gram
             part["token_logp"][:, :, :geo.token_logp.shape[-1]] = geo.token_logp
@@ -352,7 +380,7 @@ class Tracker:
         if wanted:
             ok, tok = self.guard.run("per_token", lambda: measure(
                 self.model, self.tokenizer, ProbeSet([subset[k] for k in wanted]), per_token=self.per_token,
-                **self.options))
+                encoded=[encoded[k] for k in wanted], **self.options))
             if ok:
                 part["token_gram"] = {indices[k]: (tok.token_gram[pid], *tok.token_sqnorm[pid])
                                       for k, pid in zip(wanted, tok.probe_ids)}
@@ -455,6 +483,8 @@ class Tracker:
         logp[np.isnan(token_logp[:, :, 0])] = np.nan
         if self._ref_logp is None:
             self._ref_logp = logp.copy()
+        elif self._writer is None and self._ref_dtype is not None:
+            self._check_noise_floor(step, logp)
         dyn = pair_dynamics_of(logp, gram, self.lengths, self.names, self.loss, self._ref_logp)
         observed = np.full_like(logp, np.nan) if self._last_logp is None else logp - self._last_logp
         actual = _sequence(actual_token)
@@ -466,12 +496,14 @@ class Tracker:
                         case_observed=classify_delta(observed, w, l), case_actual=classify_delta(actual, w, l))
         if self._writer is None:
             metadata = {**self._metadata(step), "engine_resolved": info.get("engine"),
-                        "n_params": info.get("n_params"), "scope": info.get("scope")}
+                        "n_params": info.get("n_params"), "scope": info.get("scope"),
+                        "reference_noise_floor": self._noise_floor}
             shapes = {i: (int(self.lengths[i, self.names.index("chosen")]),
                           int(self.lengths[i, self.names.index("rejected")])) for i in self.token_gram_probes}
             self._writer = TraceWriter.create(self.path, probes=self.probes, encoded=self.encoded, names=self.names,
                                               metadata=metadata, ref_logp=self._ref_logp, top_k=self.top_k,
-                                              token_gram_shapes=shapes, overwrite=True)
+                                              token_gram_shapes=shapes, overwrite=True,
+                                              vocab_text=vocabulary_text(self.tokenizer))
         self._writer.append(record)
         self._last_logp = logp
         summary = record_summary(self.names, record.logp, record.gram, record.case)
@@ -484,6 +516,19 @@ class Tracker:
                 log.warning("marginscope: step %d has non-finite log-probs or Gram entries (recorded and "
                             "flagged in records/nonfinite)", step)
                 self._warned_nonfinite = True
+
+    def _check_noise_floor(self, step: int, logp: np.ndarray) -> None:
+        """A reference in another dtype than the policy: the first record's reward |log π − log π_ref| is
+        (at the start of a run) rounding noise, not learning; warn once and keep its max."""
+        policy = next(self.model.parameters()).dtype
+        if self._ref_dtype == policy:
+            return
+        self._noise_floor = float(np.nanmax(np.abs(logp - self._ref_logp)))
+        log.warning("marginscope: the policy is %s and the reference %s; at step %d the probes' reward "
+                    "|log π − log π_ref| is up to %.3g nats without any training (recorded as "
+                    "reference_noise_floor): smaller reward changes are rounding noise",
+                    str(policy).removeprefix("torch."), str(self._ref_dtype).removeprefix("torch."), step,
+                    self._noise_floor)
 
     # --- in-run rows -------------------------------------------------------------------------------------
 

@@ -38,9 +38,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import losses as loss_zoo
 from .checkpoint import check_output_path
+from .compatibility import check_compatible, resolve_device
+from .conventions import check_convention, encode_probes
 from .dynamics.inrun import score_pairs
 from .dynamics.measure import check_options
-from .dynamics.scoring import EncodedProbe, encode, model_max_length, sequence_logp
+from .dynamics.scoring import EncodedProbe, model_max_length, sequence_logp
 from .errors import MarginscopeError
 from .integrations.distributed import gather_to_main, world
 from .loading import DTYPES, load_model, load_tokenizer
@@ -54,7 +56,7 @@ STATE_FILE = "trainer_state.pt"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 # TrainConfig fields a resumed run must share with the checkpoint (else its steps would differ).
 _RUN_FIELDS = ("loss", "hparams", "batch_size", "grad_accum", "lr", "weight_decay", "schedule",
-               "warmup_steps", "max_grad_norm", "seed", "add_eos")
+               "warmup_steps", "max_grad_norm", "seed", "convention", "max_length", "truncation_mode", "add_eos")
 
 
 @dataclass
@@ -72,7 +74,9 @@ class TrainConfig:
     checkpoint_every: save `out_dir/checkpoint-<step>` every k steps (the last step is always saved
     when out_dir is set). resume: "latest" (the newest checkpoint in out_dir) or a checkpoint folder.
     overwrite: replace an existing trace and the checkpoints of an earlier run in out_dir.
-    device, dtype: for models loaded from directories (dtype "auto" keeps the saved dtype).
+    device, dtype: for models loaded from directories (dtype "auto" keeps the saved dtype; device "auto":
+    cuda when available, else cpu). convention, max_length, truncation_mode, add_eos: how pairs and
+    probes become token ids (`marginscope.conventions`; default "trl", as TRL 1.x's DPOTrainer).
     """
 
     data: str | Path | ProbeSet
@@ -101,8 +105,11 @@ class TrainConfig:
     checkpoint_every: int | None = None
     resume: str | Path | None = None
     overwrite: bool = False
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str = "auto"
+    convention: str = "trl"
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
     add_eos: bool = False
     progress: bool = False
 
@@ -127,6 +134,8 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise MarginscopeError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         check_options(engine="auto", per_token=self.per_token, batch_size=self.batch_size, padding_side="right")
+        check_convention(self.convention, max_length=self.max_length, truncation_mode=self.truncation_mode,
+                         add_eos=self.add_eos)
         if (self.probes is None) != (self.trace is None):
             raise MarginscopeError("probes and trace go together: give both to track the run, or neither")
         if self.per_token is not None and self.probes is None:
@@ -253,6 +262,7 @@ def train(config: TrainConfig, *, model: PreTrainedModel | None = None,
     """
     started = time.perf_counter()
     config.validate()
+    config = replace(config, device=resolve_device(config.device))
     with _process_group(config.device) as (rank, world_size):
         config = replace(config, device=_rank_device(config.device, world_size))
         setup = _Setup.of(config, model, tokenizer, ref_model, world_size)
@@ -297,9 +307,9 @@ class _Setup:
         _check_outputs(config, resuming=state is not None)
         model, tokenizer = _models(config, model, tokenizer, checkpoint)
         max_length = model_max_length(model)
-        encoded = _encode(tokenizer, data, config.add_eos, max_length)
+        encoded = _encode(tokenizer, data, config, max_length)
         if probes is not None:
-            _encode(tokenizer, probes, config.add_eos, max_length)
+            _encode(tokenizer, probes, config, max_length)
         order = DataOrder.of(config, len(data), world_size)
         run = _run_signature(config, data, order, model, world_size)
         if state is not None:
@@ -307,6 +317,7 @@ class _Setup:
         if not any(p.requires_grad for p in model.parameters()):
             raise MarginscopeError("the model has no trainable parameter (requires_grad is False everywhere)")
         ref_model = _reference_model(config, ref_model, model) if state is None else None
+        check_compatible(model, tokenizer, ref_model, encoded=encoded)
         return cls(loss_fn, probes, model, tokenizer, ref_model, encoded, order, run, state)
 
     def loop(self, config: TrainConfig, rank: int) -> _Loop:
@@ -382,11 +393,14 @@ def _probe_set(probes: str | Path | ProbeSet | None) -> ProbeSet | None:
     return probes if probes is None or isinstance(probes, ProbeSet) else load_probes(probes)
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, pairs: ProbeSet, add_eos: bool,
-            max_length: int | None) -> list[EncodedProbe]:
-    """Token ids of every pair; a pair longer than the model's context is an error naming file and id."""
+def _encode(tokenizer: PreTrainedTokenizerBase, pairs: ProbeSet, config: TrainConfig,
+            context_length: int | None) -> list[EncodedProbe]:
+    """Token ids of every pair under the run's convention; a pair longer than the model's context (or
+    truncated to nothing) is an error naming file and id."""
     try:
-        return encode(tokenizer, pairs, add_eos=add_eos, max_length=max_length)
+        return encode_probes(tokenizer, pairs, convention=config.convention, max_length=config.max_length,
+                             truncation_mode=config.truncation_mode, add_eos=config.add_eos,
+                             context_length=context_length)
     except MarginscopeError as err:
         raise MarginscopeError(f"{pairs.source}: {err}") from None
 
@@ -558,7 +572,9 @@ def _tracker(config: TrainConfig, setup: _Setup, start: int,
     if setup.probes is None:
         return contextlib.nullcontext()
     return Tracker(setup.model, setup.tokenizer, setup.probes, config.trace, loss=setup.loss_fn, every=config.every,
-                   per_token=config.per_token, per_token_probes=config.per_token_probes, top_k=config.top_k, ref_model=setup.ref_model, add_eos=config.add_eos,
+                   per_token=config.per_token, per_token_probes=config.per_token_probes, top_k=config.top_k, ref_model=setup.ref_model,
+                   convention=config.convention, max_length=config.max_length,
+                   truncation_mode=config.truncation_mode, add_eos=config.add_eos,
                    start_step=start, overwrite=config.overwrite, metadata={"kind": "train", "train": config.describe()},
                    optimizer=optimizer)
 

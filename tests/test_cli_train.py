@@ -184,8 +184,9 @@ def test_two_gloo_processes_train_like_one_with_twice_the_batch(model_dir, tmp_p
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
     logs = [torch.load(path / "trainer_state.pt", weights_only=True)["history"] for path in (one, two)]
     assert [h["pairs"] for h in logs[1]] == [4, 2]  # the short last step: process 1 had no pair
-    for key in ("loss", "margin", "grad_norm"):
-        np.testing.assert_allclose([h[key] for h in logs[1]], [h[key] for h in logs[0]], rtol=1e-5, err_msg=key)
+    for key in ("loss", "margin", "grad_norm"):  # step 1's margin is 0 up to float32 rounding (another batching)
+        np.testing.assert_allclose([h[key] for h in logs[1]], [h[key] for h in logs[0]], rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
     with ms.trace.open(tmp_path / "one.h5") as a, ms.trace.open(tmp_path / "two.h5") as b:
         np.testing.assert_array_equal(b.steps, [0, 1, 2])
         np.testing.assert_allclose(b.logp, a.logp, rtol=1e-5)

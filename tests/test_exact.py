@@ -111,7 +111,7 @@ def test_margin_pitfalls_theorem1_uniform_last_layer(make_model, tokenizer):
         {"id": "a", "prompt": "The movie was", "chosen": "a", "rejected": "b"},
         {"id": "b", "prompt": "The service was terrible. The sentiment is", "chosen": "x", "rejected": "q"},
     ])
-    geo = ms.dynamics.measure(model, tokenizer, probes, params=r"^lm_head\.weight$")
+    geo = ms.dynamics.measure(model, tokenizer, probes, params=r"^lm_head\.weight$", convention="separate")
     m = model.config.vocab_size
     captured = []
     hook = model.lm_head.register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach()))
@@ -174,8 +174,8 @@ def test_probability_ntk_in_log_space(make_model, tokenizer, probes):
 
 def test_add_eos_and_context_length(make_model, tokenizer, probes):
     model = make_model("gpt2")
-    plain = ms.dynamics.measure(model, tokenizer, probes)
-    eos = ms.dynamics.measure(model, tokenizer, probes, add_eos=True)
+    plain = ms.dynamics.measure(model, tokenizer, probes, convention="separate")
+    eos = ms.dynamics.measure(model, tokenizer, probes, convention="separate", add_eos=True)
     np.testing.assert_array_equal(eos.lengths, plain.lengths + 1)
     assert eos.input_ids(0, 0)[1][-1] == tokenizer.eos_token_id
     long = ms.probes.ProbeSet.from_records([{"id": "long", "prompt": "The movie " * 80,

@@ -215,7 +215,7 @@ def test_rows_whose_tokens_get_different_gradients_are_nan(make_model, tokenizer
     encoded = ms.dynamics.encode(tokenizer, probes)
     _, ids, attention, labels = _padded_batch(encoded)
     n = len(encoded)
-    geo = ms.dynamics.measure(model, tokenizer, probes, params="all", engine="exact")
+    geo = ms.dynamics.measure(model, tokenizer, probes, params="all", engine="exact", convention="separate")
     with InRunGeometry(model, n_pairs=n, params="all") as rec:
         token_logps, mask, head = _functional_token_logps(model, ids, attention, labels, LogitTransform())
         rec.watch_tokens(token_logps, mask, head=head)

@@ -194,11 +194,9 @@ def test_from_preferences_length_filters(tmp_path, tokenizer):
     with pytest.raises(InputError, match=shortage):
         ms.probes.from_preferences(path, n=eligible + 1, min_len=30, max_len=60)
 
-    def tokens(p):
-        return len(tokenizer(p.prompt)["input_ids"]) + max(
-            len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in (p.chosen, p.rejected))
     everything = ms.probes.from_preferences(path, n=12)
-    counts = {p.id: tokens(p) for p in everything}
+    counts = {e.probe_id: len(e.prompt_ids) + max(map(len, e.response_ids))  # as scored (convention "trl")
+              for e in ms.conventions.encode_probes(tokenizer, everything)}
     low, high = sorted(counts.values())[3], sorted(counts.values())[8]
     kept = ms.probes.from_preferences(path, n=1, tokenizer=tokenizer, min_len=low, max_len=high)
     assert low <= counts[kept.ids[0]] <= high

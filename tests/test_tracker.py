@@ -103,8 +103,9 @@ def test_inrun_rows_equal_exact_pair_geometry(make_model, tokenizer, probes, tmp
         states = _train(model, tokenizer, probes, 2, tracker, lr=1e-3)
     with ms.trace.open(path) as tr:
         inrun = tr.inrun()
-        for step in (1, 2):
-            geo = ms.dynamics.measure(_fresh(make_model, states[step - 1]), tokenizer, probes, engine="exact")
+        for step in (1, 2):  # the loop trains on ms.dynamics.encode's ids: the "separate" convention
+            geo = ms.dynamics.measure(_fresh(make_model, states[step - 1]), tokenizer, probes, engine="exact",
+                                      convention="separate")
             rows = inrun["step"] == step
             np.testing.assert_array_equal(inrun["pair"][rows], np.arange(len(probes)))
             np.testing.assert_allclose(inrun["inner"][rows], geo.gram[:, 0, 1], rtol=1e-8)

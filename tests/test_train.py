@@ -13,7 +13,7 @@ import torch
 
 import marginscope as ms
 from marginscope.demo.tiny import save_tiny
-from marginscope.dynamics.scoring import encode, sequence_logp
+from marginscope.dynamics.scoring import sequence_logp
 from marginscope.loading import load_model, load_tokenizer
 from marginscope.probes import ProbeSet
 from marginscope.train import DataOrder, TrainConfig, _grad_norm, train
@@ -61,7 +61,7 @@ def test_dpo_run_lowers_the_loss_and_raises_the_margin(tmp_path, probes):
     assert result.final_loss < 0.5 * result.history[0].loss and result.history[-1].margin > 0
     assert result.trace == trace and result.checkpoint is None
     tokenizer = load_tokenizer(model_dir)
-    encoded = encode(tokenizer, PAIRS)
+    encoded = ms.conventions.encode_probes(tokenizer, PAIRS)  # the ids train scores (convention "trl")
     before = sequence_logp(load_model(model_dir), encoded)
     after = sequence_logp(result.model, encoded)
     margin = (after[:, 0] - before[:, 0]) - (after[:, 1] - before[:, 1])

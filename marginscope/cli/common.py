@@ -44,3 +44,9 @@ def parse_hparams(items: list[str]) -> dict[str, float]:
         except ValueError:
             raise MarginscopeError(f"--hparam {item!r}: value {value!r} is not a number") from None
     return parsed
+
+
+CONVENTION_HELP = ("How probes become token ids: trl (TRL 1.x DPOTrainer: joint tokenization, chat template with "
+                   "end-of-turn, EOS after plain text; needs trl) or separate (prompt and response apart).")
+MAX_LENGTH_HELP = "Truncate prompt+response to this many tokens, as DPOConfig.max_length (default: none)."
+TRUNCATION_HELP = "keep_start or keep_end, as DPOConfig.truncation_mode."

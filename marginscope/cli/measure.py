@@ -11,7 +11,8 @@ from rich.table import Table
 
 from ..checkpoint import CheckpointMeasurement, measure_checkpoint
 from ..dynamics.coefficients import CASE_NAMES
-from .common import out, parse_hparams, user_errors
+from ..compatibility import DEVICE_HELP
+from .common import CONVENTION_HELP, MAX_LENGTH_HELP, TRUNCATION_HELP, out, parse_hparams, user_errors
 
 
 @user_errors
@@ -30,9 +31,12 @@ def measure_command(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Probes per forward pass."),
     projection_dim: int = typer.Option(4096, "--projection-dim", min=1, help="Sketch size per parameter (--engine projected)."),
     padding_side: str = typer.Option("right", "--padding-side", help="left or right (same numbers)."),
-    add_eos: bool = typer.Option(False, "--add-eos", help="Append EOS to every response."),
+    convention: str = typer.Option("trl", "--convention", help=CONVENTION_HELP),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help=MAX_LENGTH_HELP),
+    truncation_mode: str = typer.Option("keep_start", "--truncation-mode", help=TRUNCATION_HELP),
+    add_eos: bool = typer.Option(False, "--add-eos", help="Append EOS to every response (--convention separate)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (saved dtype), float32, float64, bfloat16, float16."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, …"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     step: int = typer.Option(0, "--step", min=0, help="Step number to record."),
     top_k: int = typer.Option(5, "--top-k", min=1, help="Most probable next tokens kept per position in the trace."),
 ) -> None:
@@ -48,7 +52,8 @@ def measure_command(
     result = measure_checkpoint(
         model, probes, output=output, loss=loss, hparams=hparams, ref_dir=ref, tokenizer_dir=tokenizer,
         params=params, engine=engine, per_token=per_token, batch_size=batch_size,
-        padding_side=padding_side, add_eos=add_eos, dtype=dtype, device=device, step=step,
+        padding_side=padding_side, convention=convention, max_length=max_length, truncation_mode=truncation_mode,
+        add_eos=add_eos, dtype=dtype, device=device, step=step,
         projection_dim=projection_dim, top_k=top_k, progress=True)
     out.print(summary_table(result))
     if result.output is not None:

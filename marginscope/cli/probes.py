@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from ..compatibility import DEVICE_HELP, resolve_device
 from ..errors import InputError, MarginscopeError
 from ..loading import load_model, load_tokenizer
 from ..probes import ProbeSet, arithmetic, from_preferences, load, problems, sentiment, top
@@ -75,6 +76,8 @@ def from_preferences_command(
         None, "--min-len", help="Keep pairs whose prompt + longer response is at least this long."),
     max_len: Optional[int] = typer.Option(
         None, "--max-len", help="Keep pairs whose prompt + longer response is at most this long."),
+    convention: str = typer.Option("trl", "--convention", help="How lengths in tokens are counted (as the "
+                                   "pairs will be scored): trl or separate."),
 ) -> None:
     """Sample probe pairs from a local preference dataset (strings or chat messages).
 
@@ -85,7 +88,7 @@ def from_preferences_command(
     output = _output(output)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     _write(from_preferences(data, n, seed, prompt_col=prompt_col, chosen_col=chosen_col, rejected_col=rejected_col,
-                            tokenizer=tok, min_len=min_len, max_len=max_len), output)
+                            tokenizer=tok, min_len=min_len, max_len=max_len, convention=convention), output)
 
 
 @probes_app.command("top")
@@ -101,7 +104,7 @@ def top_command(
     seed: int = SEED,
     name: str = typer.Option("top", "--name", help="Name of the extra response."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (saved dtype), float32, float64, bfloat16, float16."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, …"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Add each prompt's top output y* from a model (bilevel SPO §2.3) as the extra response "top".
 
@@ -112,7 +115,7 @@ def top_command(
     output = _output(output)
     probe_set = load(probes)
     tok = load_tokenizer(tokenizer if tokenizer is not None else model)
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = load_model(model, dtype=dtype, device=resolve_device(device))
     _write(top(probe_set, lm, tok, method=method, k=k, max_new_tokens=max_new_tokens, seed=seed, name=name,
                progress=True), output)
 

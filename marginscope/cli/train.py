@@ -8,9 +8,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ..compatibility import DEVICE_HELP
 from ..errors import MarginscopeError
 from ..train import TrainConfig, TrainResult, train
-from .common import out, parse_hparams, user_errors
+from .common import CONVENTION_HELP, MAX_LENGTH_HELP, TRUNCATION_HELP, out, parse_hparams, user_errors
 
 
 @user_errors
@@ -42,9 +43,12 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out-dir (and its trace)."),
     resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
     ref: Optional[Path] = typer.Option(None, "--ref", help="Reference model directory or .gguf file (default: the initial model)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, …"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help="auto (saved dtype), float32, float64, bfloat16, float16."),
-    add_eos: bool = typer.Option(False, "--add-eos", help="Append EOS to every response."),
+    convention: str = typer.Option("trl", "--convention", help=CONVENTION_HELP),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help=MAX_LENGTH_HELP),
+    truncation_mode: str = typer.Option("keep_start", "--truncation-mode", help=TRUNCATION_HELP),
+    add_eos: bool = typer.Option(False, "--add-eos", help="Append EOS to every response (--convention separate)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing trace and earlier checkpoints in --out-dir."),
 ) -> None:
     """Train on preference pairs with any loss of the zoo and record the probes' dynamics.
@@ -64,7 +68,8 @@ def train_command(
         batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, schedule=schedule,
         warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, seed=seed, checkpoint_every=checkpoint_every,
         resume="latest" if resume else resume_from, overwrite=overwrite,
-        device=device, dtype=dtype, add_eos=add_eos, progress=True)
+        device=device, dtype=dtype, convention=convention, max_length=max_length, truncation_mode=truncation_mode,
+        add_eos=add_eos, progress=True)
     result = train(config)
     if result.rank == 0:
         out.print(summary_table(result))

@@ -301,7 +301,8 @@ def style_run(config: DemoConfig, style: str, sft: PreTrainedModel, tokenizer: P
     run = TrainConfig(data=pairs, probes=probes, trace=trace, loss=config.loss, hparams={"beta": config.beta},
                       every=config.every, per_token=config.token_tier, per_token_probes=probes.ids[:config.token_probes],
                       steps=config.dpo_steps, batch_size=config.dpo_batch,
-                      lr=config.dpo_lr, schedule="constant", seed=config.seed, overwrite=True, progress=progress)
+                      lr=config.dpo_lr, schedule="constant", seed=config.seed, overwrite=True, progress=progress,
+                      convention="separate")  # the demo's own trainer and numbers (README): no EOS, no TRL needed
     train(run, model=copy.deepcopy(sft), tokenizer=tokenizer, ref_model=sft)
     return trace
 

@@ -53,6 +53,32 @@ def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320) -> Pr
     )
 
 
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def build_chat_tokenizer(texts: list[str] | None = None, vocab_size: int = 360, *,
+                         add_bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with a ChatML chat template (`<|im_start|>role\\n...<|im_end|>\\n`, the
+    template of SmolLM2/Qwen instruct models) and `<|im_end|>` as EOS; `add_bos` makes it also add BOS
+    to every text it tokenizes (like Llama's), for the double-BOS trap."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [PAD, BOS, "<|im_end|>", "<|im_start|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts if texts is not None else corpus_lines(), trainer=trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token="<|im_end|>", pad_token=PAD,
+                                  model_max_length=128)
+    out.chat_template = CHATML_TEMPLATE
+    return out
+
+
 def tiny_config(arch: str, vocab_size: int, *, tie: bool | None = None, width: int = 32,
                 layers: int = 2, max_positions: int = 128, dropout: float = 0.0) -> PretrainedConfig:
     """A small config of a real architecture: gpt2 (tied, Conv1D, biases, LayerNorm), llama (untied,

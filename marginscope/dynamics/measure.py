@@ -24,7 +24,7 @@ from .exact import (
 from . import tokens
 from .ghost import ghost_gram_chunk, ghost_supports
 from .projection import projected_gram_chunk
-from .scoring import EncodedProbe, encode, model_max_length
+from .scoring import EncodedProbe, model_max_length
 
 ENGINES = ("auto", "exact", "ghost", "projected")
 PER_TOKEN_TIERS = (None, "head", "tail", "exact")
@@ -108,9 +108,18 @@ def check_options(*, engine: str, per_token: str | None, batch_size: int, paddin
 
 def measure(model: nn.Module, tokenizer: PreTrainedTokenizerBase, probes, *,
             params: ParamSpec = "trainable", engine: str = "auto", per_token: str | None = None,
-            batch_size: int = 8, padding_side: str = "right", add_eos: bool = False,
-            projection_dim: int = 4096, projection_seed: int = 0, progress: bool = False) -> Geometry:
+            batch_size: int = 8, padding_side: str = "right", convention: str = "trl",
+            max_length: int | None = None, truncation_mode: str = "keep_start", add_eos: bool = False,
+            encoded: list[EncodedProbe] | None = None, projection_dim: int = 4096, projection_seed: int = 0, progress: bool = False) -> Geometry:
     """Score every response of every probe and compute the Gram of their log-prob gradients.
+
+    convention: how probes become token ids (`marginscope.conventions`): "trl" (default; TRL 1.x's
+    DPOTrainer, by its own data preparation: joint tokenization, chat template with end-of-turn for
+    probes with `prompt_messages`, EOS after plain text; needs trl) or "separate" (prompt and response
+    tokenized apart; `add_eos` appends EOS). max_length / truncation_mode: the trainer's truncation of
+    prompt+response, as in `DPOConfig` (None: none). encoded: the ids to score, one `EncodedProbe` per
+    probe in order (e.g. from `marginscope.conventions.encode_probes`); given, the convention options are
+    not used.
 
     engine: "exact" (one backward per response), "ghost" (one forward and one backward per chunk,
     per-layer inner products without per-response gradients; same numbers) or "auto" ("ghost" when
@@ -144,7 +153,14 @@ def measure(model: nn.Module, tokenizer: PreTrainedTokenizerBase, probes, *,
         gram_chunk = partial(_projected_gram_chunk, dim=projection_dim, seed=projection_seed)
     else:
         gram_chunk = ghost_gram_chunk if engine == "ghost" else exact_gram_chunk
-    encoded = encode(tokenizer, probes, add_eos=add_eos, max_length=model_max_length(model))
+    if encoded is None:
+        from ..conventions import encode_probes
+
+        encoded = encode_probes(tokenizer, probes, convention=convention, max_length=max_length,
+                                truncation_mode=truncation_mode, add_eos=add_eos,
+                                context_length=model_max_length(model))
+    elif [e.probe_id for e in encoded] != list(probes.ids):
+        raise MarginscopeError("encoded: one EncodedProbe per probe, in the probe set's order")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     names = list(probes.response_names)
     n, r = len(encoded), len(names)

@@ -1,8 +1,10 @@
 """Response sets → token ids → per-token and sequence log-probs.
 
-Tokenization convention (the one TRL's DPOTrainer uses): the prompt is tokenized with the
-tokenizer's special tokens (e.g. BOS), each response on its own without special tokens (optionally
-followed by EOS), and the two id lists are concatenated. The prompt always takes part in the
+`encode` is the "separate" convention: the prompt is tokenized with the tokenizer's special tokens
+(e.g. BOS), each response on its own without special tokens (optionally followed by EOS), and the two
+id lists are concatenated (TRL 0.x). TRL 1.x's joint tokenization ("trl", the default elsewhere)
+calls TRL itself and lives outside this package, in `marginscope.conventions`; both give
+`EncodedProbe`s with one prompt shared by the probe's responses. The prompt always takes part in the
 forward pass but is never scored: for a response y of T tokens,
 
     log π(y | x) = Σ_t log softmax(f(x, y_<t))[y_t].
@@ -78,6 +80,15 @@ def encode(tokenizer: PreTrainedTokenizerBase, probes, *, add_eos: bool = False,
     return encoded
 
 
+def vocabulary_text(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The decoded text of every token id 0 .. len(tokenizer)−1 on its own (special tokens included,
+    spaces kept; a NUL character written as the four characters `\\x00`), what a trace stores so
+    figures show words without the tokenizer."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    return [t.replace("\x00", "\\x00") for t in texts]
+
+
 @dataclass
 class ScoredRows:
     """Per-token log-probs of a batch of rows; `mask` marks real response tokens."""
@@ -88,7 +99,10 @@ class ScoredRows:
 
     @property
     def logp(self) -> torch.Tensor:
-        return self.token_logp.sum(-1)
+        """[B] sequence log-probs, summed in float64 (differentiable): every path (measure, the
+        reference, a training step) sums the same float32-or-wider token log-probs the same way, so a
+        reference equal to the policy gives a reward of exactly 0."""
+        return self.token_logp.to(torch.float64).sum(-1)
 
     def detach(self) -> ScoredRows:
         return ScoredRows(self.token_logp.detach(), self.mask, self.logit_pos)
@@ -156,7 +170,7 @@ def sequence_logp(model: PreTrainedModel, encoded: Sequence[EncodedProbe], *, ba
                 chunk = encoded[start:start + batch_size]
                 rows = [row for probe in chunk for row in probe.rows()]
                 logp = score_rows(model, rows, padding_side=padding_side, pad_id=pad_id).logp
-                out.append(logp.to(torch.float64).cpu().reshape(len(chunk), -1))
+                out.append(logp.cpu().reshape(len(chunk), -1))
     finally:
         model.train(was_training)
     return torch.cat(out)

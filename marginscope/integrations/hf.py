@@ -30,10 +30,10 @@ log = logging.getLogger("marginscope")
 
 class TrackerCallback(TrainerCallback):
     """Tracker options as in `ms.Tracker` (params, engine, per_token, per_token_probes, top_k,
-    batch_size, padding_side, add_eos, ref_logp, overwrite, metadata, snapshot_device, optimizer);
-    `tokenizer` defaults to the trainer's processing class, `ref_model` to the trainer's reference
-    model when attached, `optimizer` to the trainer's (so the step before each record is split by
-    its formula)."""
+    batch_size, padding_side, convention, max_length, truncation_mode, add_eos, ref_logp, overwrite,
+    metadata, snapshot_device, optimizer); `tokenizer` defaults to the trainer's processing class,
+    `ref_model` to the trainer's reference model when attached, `optimizer` to the trainer's (so the
+    step before each record is split by its formula)."""
 
     def __init__(self, probes, path: str | os.PathLike, every: int = 10, *, loss=None, tokenizer=None,
                  ref_model=None, **tracker_options: Any) -> None:
@@ -50,9 +50,15 @@ class TrackerCallback(TrainerCallback):
                             "for trl.DPOTrainer use TRLCallback, which reads it from the DPOConfig")
         return self.loss
 
+    def scoring_options(self, args, model, tokenizer) -> dict[str, Any]:
+        """Tracker options that make the probes scored as this trainer scores its pairs (none here;
+        options given to the callback win)."""
+        return {}
+
     def on_train_begin(self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs):
         tokenizer = self.tokenizer or getattr(processing_class, "tokenizer", None) or processing_class
-        options = {"optimizer": optimizer, **self.tracker_options}  # the trainer's, unless one was given
+        # the trainer's optimizer and scoring, unless the callback was given its own
+        options = {"optimizer": optimizer, **self.scoring_options(args, model, tokenizer), **self.tracker_options}
         self.tracker = Tracker(model, tokenizer, self.probes, self.path, self.resolve_loss(args), self.every,
                                ref_model=self.ref_model, start_step=state.global_step,
                                metadata={"trainer": type(self.trainer).__name__ if self.trainer else "unknown"},

@@ -263,12 +263,26 @@ def topk_gains(ids_first: np.ndarray, prob_first: np.ndarray, ids_last: np.ndarr
     return gains
 
 
-def load_tokenizer_like(tokenizer: Any | None) -> Any | None:
-    """A tokenizer object as is; a path → the tokenizer saved there; None → None (ids are shown)."""
+class TraceVocabulary:
+    """Decodes ids with the token texts a trace stores (`tokens/vocab_text`), like a tokenizer."""
+
+    def __init__(self, vocab: list[str]) -> None:
+        self.vocab = vocab
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.vocab[i] if 0 <= i < len(self.vocab) else str(i) for i in (int(x) for x in ids))
+
+
+def load_tokenizer_like(tokenizer: Any | None, tr: Trace | None = None) -> Any | None:
+    """A tokenizer object as is; a path → the tokenizer saved there; None → the token texts stored
+    in `tr` (a `TraceVocabulary`), else None (ids are shown)."""
     if isinstance(tokenizer, (str, os.PathLike)):
         from ..loading import load_tokenizer
 
         return load_tokenizer(tokenizer)
+    if tokenizer is None and tr is not None:
+        vocab = tr.vocab_text
+        return TraceVocabulary(vocab) if vocab is not None else None
     return tokenizer
 
 

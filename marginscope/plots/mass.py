@@ -89,8 +89,8 @@ def mass_shift(trace: TraceLike, *, probe: str | None = None, step: int | None =
     first record and `step` (default: the last): (b) the tokens whose top-k probability rose the most,
     summed over positions; (c, d) π(argmax) and π(target) at each position of chosen and rejected
     (teacher forcing)."""
-    tokenizer = load_tokenizer_like(tokenizer)
     with opened(trace) as tr:
+        tokenizer = load_tokenizer_like(tokenizer, tr)
         label, steps, names = run_label(tr), tr.steps, tr.names
         n = probe_index(tr, probe)
         s1 = step_index(tr, steps, step) if len(steps) else 0

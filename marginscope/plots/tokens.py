@@ -50,7 +50,7 @@ def _token_grams(tr, probe: str | None, tokenizer: Any | None) -> TokenGrams | s
     tg = tr.token_gram(n)
     w, l = tr.names.index("chosen"), tr.names.index("rejected")
     diff_w, diff_l = differing_tokens(tr.input_ids(n, w)[1], tr.input_ids(n, l)[1])
-    tok = load_tokenizer_like(tokenizer)
+    tok = load_tokenizer_like(tokenizer, tr)
     return TokenGrams(ids[n], tg["step"], finite(tg["gram"]), token_cosine(tg["gram"], tg["sqnorm_w"], tg["sqnorm_l"]),
                       response_token_labels(tr, n, w, tok), response_token_labels(tr, n, l, tok), diff_w, diff_l)
 

@@ -127,9 +127,9 @@ def token_update(trace: TraceLike, *, probe: str | None = None, step: int | None
     and the observed change of the token's log-prob (dots). The tokens that make the two responses
     differ (`differing_tokens`) are shaded, their labels bold red; the corner gives the sums before, at
     and after them (the positions of margin-pitfalls Theorem 3). Tokens are decoded with `tokenizer`
-    (object or directory), else shown as ids."""
-    tokenizer = load_tokenizer_like(tokenizer)
+    (object or directory), else with the token texts the trace stores, else shown as ids."""
     with opened(trace) as tr:
+        tokenizer = load_tokenizer_like(tokenizer, tr)
         label, steps, names = run_label(tr), tr.steps, tr.names
         token = finite(tr.actual_token_delta)
         with_data = [n for n in range(token.shape[1]) if np.isfinite(token[:, n]).any()]

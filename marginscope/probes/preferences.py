@@ -3,7 +3,10 @@
     probes = from_preferences("prefs.parquet", n=100, seed=0, tokenizer=tok, max_len=512)
 
 Rows hold a prompt, a chosen and a rejected response, as strings or as chat messages
-([{"role": ..., "content": ...}]) flattened with the tokenizer's chat template. Every problem is an
+([{"role": ..., "content": ...}]). A chat row keeps its prompt messages (`Probe.prompt_messages`, so
+the "trl" convention renders the whole conversation through the chat template, end-of-turn
+included) and its prompt flattened with the tokenizer's chat template (the "separate" convention's
+text, shown in figures). Every problem is an
 InputError naming the file, the line (JSONL, CSV) or 1-based row (Parquet, datasets) and the field.
 """
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from ..conventions import check_convention, encode_probes
 from ..errors import InputError, MarginscopeError
 from .probeset import Probe, ProbeSet, _text_problem, _type_name
 
@@ -34,19 +38,22 @@ class _Pair:
     prompt: str
     chosen: str
     rejected: str
+    messages: list[dict] | None = None
 
 
 def from_preferences(path: str | os.PathLike[str], n: int, seed: int = 0, *, prompt_col: str = "prompt",
                      chosen_col: str = "chosen", rejected_col: str = "rejected",
                      tokenizer: PreTrainedTokenizerBase | None = None, min_len: int | None = None,
-                     max_len: int | None = None) -> ProbeSet:
+                     max_len: int | None = None, convention: str = "trl") -> ProbeSet:
     """`n` pairs sampled (seeded, kept in dataset order, ids pref-<row index>) from a preference
     dataset, after the length filters: min_len ≤ prompt + longer response ≤ max_len, counted in
-    tokens with `tokenizer` (prompt with its special tokens, as scored), else in characters.
-    Chat-format rows need a tokenizer with a chat template (see docs/probes.md)."""
+    tokens with `tokenizer` as they will be scored under `convention` ("trl" or "separate", see
+    `marginscope.conventions`), else in characters. Chat-format rows need a tokenizer with a chat
+    template (see docs/probes.md)."""
     if n < 1:
         raise MarginscopeError(f"n must be at least 1; got {n}")
     _check_bounds(min_len, max_len)
+    check_convention(convention)
     path = Path(path)
     columns = (prompt_col, chosen_col, rejected_col)
     pairs = [_pair(path, index, where, row, columns, tokenizer)
@@ -55,14 +62,19 @@ def from_preferences(path: str | os.PathLike[str], n: int, seed: int = 0, *, pro
         raise InputError("contains no rows", path)
     total, filtered = len(pairs), min_len is not None or max_len is not None
     if filtered:
-        pairs = [p for p in pairs if _within(_length(p, tokenizer), min_len, max_len)]
+        lengths = _lengths(pairs, tokenizer, convention, str(path))
+        pairs = [p for p, length in zip(pairs, lengths) if _within(length, min_len, max_len)]
     if len(pairs) < n:
         unit = "tokens" if tokenizer is not None else "characters"
         found = (f"only {len(pairs)} of {total} pairs pass the length filters (min_len={min_len}, "
                  f"max_len={max_len}, in {unit})" if filtered else f"only {len(pairs)} pairs in the data")
         raise InputError(f"{found}; asked for n={n}", path)
     picked = [pairs[i] for i in sorted(random.Random(seed).sample(range(len(pairs)), n))]
-    return ProbeSet((Probe(f"pref-{p.index}", p.prompt, p.chosen, p.rejected) for p in picked), str(path))
+    return ProbeSet((_probe(p) for p in picked), str(path))
+
+
+def _probe(pair: _Pair) -> Probe:
+    return Probe(f"pref-{pair.index}", pair.prompt, pair.chosen, pair.rejected, prompt_messages=pair.messages)
 
 
 def _check_bounds(min_len: int | None, max_len: int | None) -> None:
@@ -77,12 +89,13 @@ def _within(length: int, min_len: int | None, max_len: int | None) -> bool:
     return (min_len is None or length >= min_len) and (max_len is None or length <= max_len)
 
 
-def _length(pair: _Pair, tokenizer: PreTrainedTokenizerBase | None) -> int:
-    """Prompt + longer response, in tokens (the way `measure` tokenizes them) or characters."""
+def _lengths(pairs: list[_Pair], tokenizer: PreTrainedTokenizerBase | None, convention: str,
+             source: str) -> list[int]:
+    """Prompt + longer response of each pair, in tokens as scored under `convention`, or characters."""
     if tokenizer is None:
-        return len(pair.prompt) + max(len(pair.chosen), len(pair.rejected))
-    prompt = len(tokenizer(pair.prompt, add_special_tokens=True)["input_ids"])
-    return prompt + max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in (pair.chosen, pair.rejected))
+        return [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs]
+    encoded = encode_probes(tokenizer, ProbeSet((_probe(p) for p in pairs), source), convention=convention)
+    return [len(e.prompt_ids) + max(len(r) for r in e.response_ids) for e in encoded]
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -208,7 +221,7 @@ def _pair(path: Path, index: int, where: int, row: Mapping[str, object], columns
             raise fail(reason, column)
     if chosen == rejected:
         raise fail(f"identical to {chosen_col!r}; a preference pair needs two different responses", rejected_col)
-    return _Pair(index, prompt, chosen, rejected)
+    return _Pair(index, prompt, chosen, rejected, messages)
 
 
 def _response(value: str | list, column: str, fail: Fail) -> tuple[str, list[dict] | None]:

@@ -15,7 +15,7 @@ from typing import overload
 from ..errors import InputError
 
 REQUIRED = ("id", "prompt", "chosen", "rejected")
-ALLOWED = (*REQUIRED, "extra")
+ALLOWED = (*REQUIRED, "extra", "prompt_messages")
 PAIR = ("chosen", "rejected")
 
 _JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number",
@@ -26,13 +26,21 @@ Problem = tuple[str | None, str]  # (field, reason) found in one record
 
 @dataclass(frozen=True)
 class Probe:
-    """One preference pair: a prompt, a chosen and a rejected response, and named extra responses."""
+    """One preference pair: a prompt, a chosen and a rejected response, and named extra responses.
+
+    prompt_messages: the chat messages of a conversational pair ([{"role", "content"}, ...], the
+    conversation before the response; each response is then one assistant message), kept so the pair
+    can be scored through the chat template as a trainer does (convention "trl"); `prompt` is then
+    the rendered prompt text (used by the "separate" convention and shown in figures). None for a
+    plain-text pair.
+    """
 
     id: str
     prompt: str
     chosen: str
     rejected: str
     extra: dict[str, str] = field(default_factory=dict)
+    prompt_messages: list[dict[str, str]] | None = None
 
     @property
     def responses(self) -> dict[str, str]:
@@ -45,6 +53,8 @@ class Probe:
                                      "chosen": self.chosen, "rejected": self.rejected}
         if self.extra:
             record["extra"] = dict(self.extra)
+        if self.prompt_messages:
+            record["prompt_messages"] = [dict(m) for m in self.prompt_messages]
         return record
 
 
@@ -280,10 +290,12 @@ class _Checker:
         if not found:
             assert self._extra_ref is not None
             extra = {name: record["extra"][name] for name in self._extra_ref[1]}
-            self.probes.append(Probe(*(record[k] for k in REQUIRED), extra=extra))
+            messages = record.get("prompt_messages")
+            self.probes.append(Probe(*(record[k] for k in REQUIRED), extra=extra,
+                                     prompt_messages=None if messages is None else [dict(m) for m in messages]))
 
     def _record_problems(self, line: int, record: Mapping[str, object]) -> list[Problem]:
-        found = _unknown_fields(record) + _text_fields(record)
+        found = _unknown_fields(record) + _text_fields(record) + _messages_problems(record.get("prompt_messages"))
         extra = record.get("extra", {})
         extra_found = _extra_problems(extra)
         found += extra_found
@@ -332,6 +344,21 @@ def _text_fields(record: Mapping[str, object]) -> list[Problem]:
     if not {k for k, _ in found} & set(PAIR) and record["chosen"] == record["rejected"]:
         found.append(("rejected", "identical to 'chosen'; a preference pair needs two different responses"))
     return found
+
+
+def _messages_problems(messages: object) -> list[Problem]:
+    """prompt_messages, when present: a non-empty list of {"role": str, "content": str} objects."""
+    if messages is None:
+        return []
+    if not isinstance(messages, list) or not messages:
+        return [("prompt_messages", f"must be a non-empty array of chat messages, found {_type_name(messages)}"
+                                    + (" (empty)" if isinstance(messages, list) else ""))]
+    for k, message in enumerate(messages):
+        if not isinstance(message, Mapping) or set(message) != {"role", "content"} \
+                or not all(isinstance(message[key], str) for key in ("role", "content")):
+            return [(f"prompt_messages[{k}]", "must be an object with exactly the string fields 'role' and "
+                                              "'content'")]
+    return []
 
 
 def _extra_problems(extra: object) -> list[Problem]:

@@ -167,7 +167,7 @@ def preference_run(setting: RunSetting, *, loss: str, hparams: dict[str, float],
     config = TrainConfig(data=data, probes=probes, trace=trace, loss=loss, hparams=dict(hparams), every=setting.every,
                          per_token="exact" if per_token_probes else None, per_token_probes=per_token_probes,
                          steps=setting.steps, batch_size=setting.batch, lr=setting.lr, schedule="constant",
-                         seed=seed, overwrite=True)
+                         seed=seed, overwrite=True, convention="separate")  # the findings' convention
     result = train(config, model=copy.deepcopy(sft), tokenizer=tokenizer, ref_model=sft)
     check_trace(trace, setting.steps, setting.every)
     return result

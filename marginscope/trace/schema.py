@@ -22,6 +22,7 @@ import numpy as np
 
 from ..dynamics.optimizers import STEP_PARTS
 from ..dynamics.scoring import EncodedProbe
+from .integrity import open_swmr
 from ..errors import MarginscopeError
 
 SCHEMA = "marginscope-trace"
@@ -208,7 +209,7 @@ def _check_header_inputs(path: Path, probes, encoded: Sequence[EncodedProbe], na
 
 def _write_header(f: h5py.File, *, probes, encoded: Sequence[EncodedProbe], names: Sequence[str],
                   metadata: dict[str, Any], ref_logp: np.ndarray | None, top_k: int,
-                  token_gram_shapes: dict[int, tuple[int, int]]) -> None:
+                  token_gram_shapes: dict[int, tuple[int, int]], vocab_text: Sequence[str] | None = None) -> None:
     """Root attributes, /probes, /tokens, /reference and the empty appendable datasets."""
     f.attrs["schema"] = SCHEMA
     f.attrs["schema_version"] = SCHEMA_VERSION
@@ -230,6 +231,8 @@ def _write_header(f: h5py.File, *, probes, encoded: Sequence[EncodedProbe], name
             response_ids[i, j] = np.asarray(ids, dtype=np.int32)
     lengths = np.array([[len(x) for x in e.response_ids] for e in encoded], dtype=np.int32)
     t.create_dataset("lengths", data=lengths)
+    if vocab_text is not None:  # each token id's text: figures show words without the tokenizer
+        t.create_dataset("vocab_text", data=list(vocab_text), dtype=_STR, compression="gzip")
     if ref_logp is not None:
         f.create_dataset("reference/logp", data=np.asarray(ref_logp, dtype=np.float64))
     _create_datasets(f, _Dims(n, r, int(lengths.max()), top_k), token_gram_shapes)
@@ -239,13 +242,11 @@ def _write_header(f: h5py.File, *, probes, encoded: Sequence[EncodedProbe], name
 
 def _open_checked(path: Path) -> h5py.File:
     """Open a trace read-only in SWMR mode (also while a run writes it, or after its writer was
-    killed); one-line MarginscopeError for a missing file, non-HDF5, non-trace or other version."""
+    killed); one-line MarginscopeError for a missing file, non-HDF5, truncated or damaged (within a
+    second or so: `integrity.open_swmr`), non-trace or other version."""
     if not path.is_file():
         raise MarginscopeError(f"{path}: no such trace file")
-    try:
-        f = h5py.File(path, "r", swmr=True)
-    except OSError as err:
-        raise MarginscopeError(f"{path}: not an HDF5 trace ({err})") from None
+    f = open_swmr(path)
     try:
         if f.attrs.get("schema") != SCHEMA:
             raise MarginscopeError(f"{path}: not a marginscope trace (no '{SCHEMA}' schema attribute)")
@@ -336,8 +337,10 @@ class TraceWriter:
     @classmethod
     def create(cls, path: str | Path, *, probes, encoded: Sequence[EncodedProbe], names: Sequence[str],
                metadata: dict[str, Any], ref_logp: np.ndarray | None, top_k: int,
-               token_gram_shapes: dict[int, tuple[int, int]], overwrite: bool = False) -> TraceWriter:
-        """Write the header and every (empty) dataset, atomically, then open for appending."""
+               token_gram_shapes: dict[int, tuple[int, int]], overwrite: bool = False,
+               vocab_text: Sequence[str] | None = None) -> TraceWriter:
+        """Write the header and every (empty) dataset, atomically, then open for appending.
+        vocab_text: the text of every token id (`tokens/vocab_text`), e.g. `scoring.vocabulary_text`."""
         path = Path(path)
         _check_target(path)
         if path.exists() and not overwrite:
@@ -346,7 +349,7 @@ class TraceWriter:
         _check_header_inputs(path, probes, encoded, names, metadata, ref_logp, top_k, token_gram_shapes)
         f = _build_swmr(path, lambda f: _write_header(
             f, probes=probes, encoded=encoded, names=names, metadata=metadata, ref_logp=ref_logp,
-            top_k=top_k, token_gram_shapes=token_gram_shapes))
+            top_k=top_k, token_gram_shapes=token_gram_shapes, vocab_text=vocab_text))
         return cls(path, f)
 
     @classmethod
@@ -516,10 +519,11 @@ def _copy_group(src: h5py.Group, dst: h5py.Group, fields: dict[str, Any], max_st
 
 def write_trace(path: str | Path, *, probes, encoded: Sequence[EncodedProbe], names: Sequence[str],
                 metadata: dict[str, Any], records: Sequence[Record], ref_logp: np.ndarray | None = None,
-                top_k: int, token_gram_shapes: dict[int, tuple[int, int]] | None = None) -> Path:
+                top_k: int, token_gram_shapes: dict[int, tuple[int, int]] | None = None,
+                vocab_text: Sequence[str] | None = None) -> Path:
     """Write a complete trace atomically (a temp file in the same folder, then a rename), replacing
     any file at `path`; a failure never leaves a file there. `token_gram_shapes` defaults to the
-    records' per-token Gram shapes."""
+    records' per-token Gram shapes; `vocab_text` as in `TraceWriter.create`."""
     path = Path(path)
     _check_target(path)
     if token_gram_shapes is None:
@@ -527,7 +531,8 @@ def write_trace(path: str | Path, *, probes, encoded: Sequence[EncodedProbe], na
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         with TraceWriter.create(tmp, probes=probes, encoded=encoded, names=names, metadata=metadata,
-                                ref_logp=ref_logp, top_k=top_k, token_gram_shapes=token_gram_shapes) as w:
+                                ref_logp=ref_logp, top_k=top_k, token_gram_shapes=token_gram_shapes,
+                                vocab_text=vocab_text) as w:
             for record in records:
                 w.append(record)
         os.replace(tmp, path)
@@ -657,6 +662,18 @@ class Trace:
         """(prompt_ids, response_ids) scored for probe n, response r."""
         return (self._f["tokens/prompt_ids"][n].astype(np.int64),
                 self._f["tokens/response_ids"][n, r].astype(np.int64))
+
+    @property
+    def vocab_text(self) -> list[str] | None:
+        """The text of every token id (index = id; `tokens/vocab_text`), None in traces without it."""
+        if "tokens/vocab_text" not in self._f:
+            return None
+        return [v.decode("utf-8") if isinstance(v, bytes) else v for v in self._f["tokens/vocab_text"][()]]
+
+    def token_text(self, ids) -> list[str]:
+        """Each id's text from `vocab_text` (its id as a string when the trace has none or it is out of range)."""
+        vocab = self.vocab_text or []
+        return [vocab[i] if 0 <= i < len(vocab) else str(i) for i in (int(x) for x in ids)]
 
     def token_gram(self, n: int) -> dict[str, np.ndarray] | None:
         """Per-token Gram of probe index n over its committed records: step [S'], gram [S', T_w, T_l],
