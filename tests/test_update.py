@@ -221,8 +221,8 @@ def test_actual_update_views_equal_the_oracles(make_model, tokenizer, probes, tm
             expected_parts[step] = _adam_l2_parts(optimizer, model, *pending.pop(step))
 
     path = tmp_path / "run.h5"
-    encoded = ms.dynamics.encode(tokenizer, probes)
     with ms.Tracker(model, tokenizer, probes, path, loss="dpo", every=every, optimizer=optimizer) as tracker:
+        encoded = tracker.encoded  # the ids the tracker scores (its convention)
         states = _train(model, tokenizer, optimizer, n_steps, tracker, scheduler, sign, before_step, after_step)
     with ms.trace.open(path) as tr:
         steps = tr.steps.tolist()
@@ -282,7 +282,7 @@ def test_an_optimizer_without_a_split_records_step_delta_only(make_model, tokeni
     with ms.trace.open(path) as tr:
         assert tr.metadata["step_split"].startswith("unavailable: torch.optim.adagrad.Adagrad")
         assert all(np.isnan(v).all() for v in tr.step_parts.values())
-        g = _oracle_grads(model, states[2], names, ms.dynamics.encode(tokenizer, probes))
+        g = _oracle_grads(model, states[2], names, tracker.encoded)
         expected = g @ (_flat(states[2], names) - _flat(states[1], names)).numpy()
         np.testing.assert_allclose(tr.step_delta[2], expected, rtol=1e-6)
 
