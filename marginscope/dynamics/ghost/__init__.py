@@ -51,6 +51,7 @@ Layout (one concern per file):
     capture.py      CallRecorder: forward hooks recording each call; autograd sequence marks
     collector.py    GhostCollector: the Gram contracted during the backward; FunctionalHead
     chunk.py        ghost_gram_chunk: the probe Gram of a chunk of probes
+    virtual.py      BlockSums: virtual rows sharing one row's inputs (the exact per-token tier)
 """
 
 from .capture import CallRecorder, Recorded, in_backward, sequence_mark
@@ -62,10 +63,12 @@ from .kinds import Call, Kind
 from .layers import CONV1D, EMBEDDING, KINDS, LINEAR, ROWWISE, ROWWISE_MAX_NUMEL
 from .plan import Plan, attributable_plan, ghost_supports, plan_modules
 from .sums import GramSums
+from .virtual import BlockSums, virtual_pair
 
 __all__ = [
-    "CONV1D", "Call", "CallRecorder", "Dense", "EMBEDDING", "Factor", "FunctionalHead", "GhostCollector",
+    "CONV1D", "BlockSums", "Call", "CallRecorder", "Dense", "EMBEDDING", "Factor", "FunctionalHead", "GhostCollector",
     "GramSums", "KINDS", "Kind", "LINEAR", "LogitTransform", "Outer", "Plan", "ROWWISE", "ROWWISE_MAX_NUMEL",
     "Recorded", "SOFTMAX_HEAD", "SoftmaxHead", "attributable_plan", "ghost_gram_chunk", "ghost_supports",
     "in_backward", "pair_gram", "plan_modules", "sequence_mark", "softmax_head_factors",
+    "virtual_pair",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 
 from .factors import Factor
@@ -44,14 +45,16 @@ def _first_input(call: Call) -> Tensor:
 
 
 def _per_row(t: Tensor, b: int) -> Tensor:
-    """[B, ..., d] → [B, T, d] (T: every position of the row)."""
-    return t.reshape(b, -1, t.shape[-1])
+    """[B, ..., d] → [B, T, d] (T: every position of the row). An input of one row [1, ..., d] against a
+    cotangent of b > 1 rows stays one row, shared by them (virtual rows, `virtual.py`)."""
+    return t.reshape(1 if t.shape[0] == 1 else b, -1, t.shape[-1])
 
 
 def _nonzero_positions(x: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     """Drop the positions where every row's cotangent is zero (they add nothing to any Gram): e.g. the
     LM head sees cotangents only at scored response positions, not over the prompt or padding."""
-    keep = d.flatten(2).ne(0).any(-1).any(0)
+    low, high = torch.aminmax(d.flatten(2), dim=-1)  # one pass, no [B, T, d] mask
+    keep = ((low != 0) | (high != 0)).any(0)
     return (x, d) if bool(keep.all()) else (x[:, keep], d[:, keep])
 
 

@@ -11,7 +11,8 @@ from ..kinds import Call, Kind, _first_input, _forward_is, _per_row
 def _embedding_factors(call: Call, grad: Tensor) -> dict[str, Factor]:
     """l = ids, m = D; positions holding `padding_idx` get no gradient, as in F.embedding."""
     b, module = grad.shape[0], call.module
-    ids, d = _first_input(call).reshape(b, -1), _per_row(grad, b)
+    ids, d = _first_input(call), _per_row(grad, b)
+    ids = ids.reshape(1 if ids.shape[0] == 1 else b, -1)  # one row's ids may be shared (`_per_row`)
     if module.padding_idx is not None:
         d = d.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
     return {"weight": Outer(ids, d)}
