@@ -14,14 +14,22 @@ from ...errors import MarginscopeError
 from .factors import Dense, Factor, Outer, SoftmaxHead, _f64, _vocab_chunks, _wide
 
 
+def _row_blocks(t: Tensor, rows: Tensor) -> Tensor:
+    """t[rows] ([G, R, ...]): a view, no copy, when the groups are consecutive rows (a chunk's probes)."""
+    first, n = int(rows[0, 0]), rows.numel()
+    if torch.equal(rows.flatten(), torch.arange(first, first + n, device=rows.device)):
+        return t[first:first + n].unflatten(0, tuple(rows.shape))
+    return t[rows]
+
+
 def _flat_l(o: Outer, rows: Tensor) -> Tensor:
     """l of each group's rows over (row, token): [G, R·T, dim_l], or [G, R·T] ids."""
-    l = o.l[rows].flatten(1, 2)
+    l = _row_blocks(o.l, rows).flatten(1, 2)
     return l if o.ids else _wide(l)
 
 
 def _flat_m(o: Outer, rows: Tensor) -> Tensor:
-    return _wide(o.m[rows].flatten(1, 2))
+    return _wide(_row_blocks(o.m, rows).flatten(1, 2))
 
 
 def _column_index(o: Outer, ids: Tensor) -> Tensor:
@@ -49,7 +57,7 @@ def _l_gram(u: Outer, v: Outer, rows: Tensor) -> Tensor:
 
 def _materialized(o: Outer, rows: Tensor) -> Tensor:
     """[G, R, dim_l·dim_m] per-row gradients Σ_t l_t ⊗ m_t of a dense-l factor."""
-    return torch.einsum("grtl,grtm->grlm", _f64(o.l[rows]), _f64(o.m[rows])).flatten(2)
+    return torch.einsum("grtl,grtm->grlm", _f64(_row_blocks(o.l, rows)), _f64(_row_blocks(o.m, rows))).flatten(2)
 
 
 def _materializes(u: Outer, v: Outer, forced: bool | None) -> bool:
@@ -75,12 +83,12 @@ def _outer_gram(u: Outer, v: Outer, rows: Tensor, materialize: bool | None) -> T
 
 def _dense_outer_gram(d: Dense, o: Outer, rows: Tensor) -> Tensor:
     """⟨G_a, Σ_s l_b,s ⊗ m_b,s⟩; for ids Σ_s G_a[id_b,s] · m_b,s, else against materialized G_b."""
-    gd = _f64(d.g[rows])
+    gd = _f64(_row_blocks(d.g, rows))
     if not o.ids:
         return gd @ _materialized(o, rows).mT
     (g, r), s = rows.shape, o.m.shape[1]
     table = gd.view(g, r, -1, o.m.shape[-1])  # [G, R, dim_l, dim_m]
-    ids = o.l[rows].flatten(1, 2)  # [G, R·S]
+    ids = _row_blocks(o.l, rows).flatten(1, 2)  # [G, R·S]
     picked = table[torch.arange(g, device=ids.device)[:, None, None],
                    torch.arange(r, device=ids.device)[None, :, None], ids[:, None, :]]  # [G, R, R·S, dim_m]
     return (picked * _flat_m(o, rows)[:, None]).sum(-1).view(g, r, r, s).sum(-1)
@@ -137,7 +145,7 @@ def pair_gram(u: Factor, v: Factor, rows: Tensor, materialize: bool | None = Non
     if isinstance(u, SoftmaxHead) or isinstance(v, SoftmaxHead):
         return _head_pair_gram(u, v, rows, materialize)
     if isinstance(u, Dense) and isinstance(v, Dense):
-        return _f64(u.g[rows]) @ _f64(v.g[rows]).mT
+        return _f64(_row_blocks(u.g, rows)) @ _f64(_row_blocks(v.g, rows)).mT
     if isinstance(u, Dense):
         return _dense_outer_gram(u, v, rows)
     if isinstance(v, Dense):
