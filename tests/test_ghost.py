@@ -154,7 +154,9 @@ def test_forced_materialize_and_forced_ghost_agree(make_model, tokenizer, probes
 
 
 def test_default_rule_materializes_small_layers_only(make_model, tokenizer, probes, monkeypatch):
-    model = make_model("llama", width=16)  # T = 36: 2·T² > 16·32 (MLP), < 320·16 (lm_head)
+    # 3 rows of T ≤ 36 tokens: R·T·(d_in + d_out) > 2·d_in·d_out for the MLP (64 × 128) and the
+    # attention projections, not for lm_head (320 × 64, T ≤ 18 scored positions)
+    model = make_model("llama", width=64)
     scope = select_parameters(model, "all")
     shapes = []
     real = ghost.contract._materialized

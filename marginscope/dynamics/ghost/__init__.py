@@ -15,7 +15,8 @@ without ever materializing a parameter-sized tensor:
     biases                              ∇b_r = Σ_t D_r,t, materialized
     any other small leaf module         ∇θ_r materialized by a vmap over rows of a vjp (norms)
 
-A layer switches to materializing D_rᵀX_r when 2·T² > d_in·d_out. A parameter used by several calls
+A layer switches to materializing D_rᵀX_r when that takes fewer multiply-adds, R·T·(d_in + d_out) >
+2·d_in·d_out for groups of R rows of T tokens (`contract._materializes`). A parameter used by several calls
 (tied embeddings, a module called twice) has ∇θ_r = Σ_u ∇θ_r^u, so the cross terms of its uses are
 added (`GramSums`). Everything is contracted per group of rows (one probe's responses): dot products over a layer's
 feature dimension in the activations' dtype (float32 at least), every Gram sum in float64.

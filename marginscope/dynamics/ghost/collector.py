@@ -48,7 +48,8 @@ class GhostCollector(CallRecorder):
     `grams[g]` is the [len(g), len(g)] Gram of the rows of groups[g]. row_scale [B]: when the
     backward gives row i the cotangent s_i·∇ log π_i (a loss's ∂loss/∂log π_i), K_ab is divided by
     s_a·s_b; a row with s_i = 0 carries no information and gets NaN. materialize: None (per layer,
-    2·T² > d_in·d_out), True or False forces materialized or ghost contraction of dense factors.
+    whichever takes fewer multiply-adds, `contract._materializes`), True or False forces materialized or
+    ghost contraction of dense factors.
 
     One forward/backward pass per collector: forward calls once the backward has started are
     gradient-checkpointing recomputations (or this collector's replays) and are ignored; each call's

@@ -2,7 +2,8 @@
 
 `rows` is [G, R]: G groups of R rows each, contracted at once (batched matrix products). For two
 outer factors ⟨G_a, G'_b⟩ = Σ_{t,s} (l_a,t · l'_b,s)(m_a,t · m'_b,s); a layer materializes D_rᵀX_r
-instead when 2·T·S > dim_l·dim_m (`_materializes`).
+instead when that takes fewer multiply-adds, R·T·S·(dim_l + dim_m) > (T + S)·dim_l·dim_m for R rows per
+group (`_materializes`; benchmarks/bench_materialize_switch.py).
 """
 
 from __future__ import annotations
@@ -60,18 +61,23 @@ def _materialized(o: Outer, rows: Tensor) -> Tensor:
     return torch.einsum("grtl,grtm->grlm", _f64(_row_blocks(o.l, rows)), _f64(_row_blocks(o.m, rows))).flatten(2)
 
 
-def _materializes(u: Outer, v: Outer, forced: bool | None) -> bool:
-    """Materialize two dense-l factors when 2·T·S > dim_l·dim_m (or as forced); never one-hot ones."""
+def _materializes(u: Outer, v: Outer, forced: bool | None, rows_per_group: int) -> bool:
+    """Materialize two dense-l factors (or as forced; never one-hot ones) when the ghost Grams take more
+    multiply-adds, (R·T)(R·S)·(dim_l + dim_m), than materializing, R·(T + S)·dim_l·dim_m: for R rows
+    per group of T and S tokens, R·T·S·(dim_l + dim_m) > (T + S)·dim_l·dim_m. Measured at 512–2,048
+    tokens (benchmarks/bench_materialize_switch.py), this picks the faster form on every layer shape
+    tried; the earlier 2·T·S > dim_l·dim_m was ~2× too late (1.4–1.7× slower at T = 512–1,024)."""
     if u.ids or v.ids:
         return False
     if forced is not None:
         return forced
-    return 2 * u.m.shape[1] * v.m.shape[1] > u.l.shape[-1] * u.m.shape[-1]
+    t, s, dim_l, dim_m = u.m.shape[1], v.m.shape[1], u.l.shape[-1], u.m.shape[-1]
+    return rows_per_group * t * s * (dim_l + dim_m) > (t + s) * dim_l * dim_m
 
 
 def _outer_gram(u: Outer, v: Outer, rows: Tensor, materialize: bool | None) -> Tensor:
     """Σ_{t,s} (l_a,t·l_b,s)(m_a,t·m_b,s) per row pair, or ⟨G_a, G_b⟩ of materialized gradients."""
-    if _materializes(u, v, materialize):
+    if _materializes(u, v, materialize, rows.shape[1]):
         a = _materialized(u, rows)
         return a @ (a if v is u else _materialized(v, rows)).mT
     (g, r), t, s = rows.shape, u.m.shape[1], v.m.shape[1]
