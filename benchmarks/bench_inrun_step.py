@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--methods", default="plain,inrun,naive")
+    p.add_argument("--alternate", action="store_true",
+                   help="time plain and inrun steps alternated in one process (robust to machine load)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -83,7 +85,22 @@ def _timed(kind: str):
     return run
 
 
-METHODS = {name: _timed(name) for name in ("plain", "inrun", "naive")}
+def _alternated(state):
+    """plain and inrun steps alternated in one process on one model (the order flipped every round):
+    their medians, so machine load hits both alike."""
+    model, pairs, opt, steps = state
+    times = {"plain": [], "inrun": []}
+    for kind in times:  # warm-up
+        _step(model, pairs, opt, kind == "inrun")
+    for i in range(steps):
+        for kind in ("plain", "inrun") if i % 2 == 0 else ("inrun", "plain"):
+            start = time.perf_counter()
+            _step(model, pairs, opt, kind == "inrun")
+            times[kind].append(time.perf_counter() - start)
+    return {kind: statistics.median(t) for kind, t in times.items()}
+
+
+METHODS = {**{name: _timed(name) for name in ("plain", "inrun", "naive")}, "alternated": _alternated}
 
 
 def main() -> None:
@@ -93,9 +110,18 @@ def main() -> None:
         return
     forwarded = [f"--pairs={args.pairs}", f"--prompt-len={args.prompt_len}", f"--response-len={args.response_len}",
                  f"--layers={args.layers}", f"--steps={args.steps}"]
-    results = {m: common.spawn(__file__, m, forwarded) for m in args.methods.split(",")}
+    methods = args.methods.split(",")
+    if args.alternate and "plain" in methods and "inrun" in methods:
+        both = common.spawn(__file__, "alternated", forwarded)
+        rest = {m: common.spawn(__file__, m, forwarded) for m in methods if m not in ("plain", "inrun")}
+        results = {m: {"result": both["result"][m], "peak_extra_mb": both["peak_extra_mb"]} for m in ("plain", "inrun")}
+        results.update(rest)
+    else:
+        results = {m: common.spawn(__file__, m, forwarded) for m in methods}
+    how = ("plain and inrun alternated in one process (peak MB: of both)" if args.alternate
+           else "each method in its own process")
     print(f"DPO step · GPT-2-small shape, {args.layers} layers · {args.pairs} pairs × "
-          f"{args.prompt_len + args.response_len} tokens · fp32 CPU · median of {args.steps} steps")
+          f"{args.prompt_len + args.response_len} tokens · fp32 CPU · median of {args.steps} steps · {how}")
     print(f"machine: {common.machine()}")
     print(f"{'method':8} {'s/step':>9} {'× plain':>9} {'peak extra MB':>14}")
     for name, r in results.items():

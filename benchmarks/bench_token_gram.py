@@ -6,7 +6,8 @@ Model: GPT-2-small widths (d=768, 12 heads), untied LM head, `--layers` blocks (
   head   the LM head only                      tail   every module after the last attention
   exact  every parameter
 Each tier is timed against the naive per-token loop restricted to the same parameters: one backward
-per token, flattened gradients, dot products (the papers' method), measured in the same run.
+per token, flattened gradients, dot products (the papers' method), measured in the same run: the two
+alternated `--repeat` times, medians.
 
     python benchmarks/bench_token_gram.py
     python benchmarks/bench_token_gram.py --tokens 8 --tiers head      # a quick smoke run
@@ -15,6 +16,7 @@ per token, flattened gradients, dot products (the papers' method), measured in t
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -32,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--tiers", default=",".join(TIERS))
+    p.add_argument("--repeat", type=int, default=3, help="runs of each method, alternated; medians")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -95,14 +98,20 @@ def main() -> None:
     forwarded = [f"--tokens={args.tokens}", f"--prompt-len={args.prompt_len}", f"--layers={args.layers}",
                  f"--vocab={args.vocab}"]
     print(f"per-token Gram · GPT-2 widths, {args.layers} layers, vocab {args.vocab}, untied · "
-          f"{args.tokens}×{args.tokens} tokens, prompt {args.prompt_len} · fp32 CPU")
+          f"{args.tokens}×{args.tokens} tokens, prompt {args.prompt_len} · fp32 CPU · median of {args.repeat} runs "
+          "per method, alternated, each in a fresh process")
     print(f"machine: {common.machine()}")
     print(f"{'tier':6} {'naive s':>9} {'tier s':>9} {'× naive':>9} {'naive MB':>9} {'tier MB':>9} {'rel diff':>9}")
     for tier in args.tiers.split(","):
-        naive, fast = common.spawn(__file__, f"naive-{tier}", forwarded), common.spawn(__file__, tier, forwarded)
+        runs = {"naive": [], "tier": []}
+        for rep in range(args.repeat):  # alternate the order between repeats; medians
+            for kind in ("naive", "tier") if rep % 2 == 0 else ("tier", "naive"):
+                runs[kind].append(common.spawn(__file__, f"naive-{tier}" if kind == "naive" else tier, forwarded))
+        naive, fast = (min(r, key=lambda x: x["seconds"]) for r in (runs["naive"], runs["tier"]))
+        t_naive, t_tier = (statistics.median(x["seconds"] for x in r) for r in (runs["naive"], runs["tier"]))
         ref, got = np.array(naive["result"]), np.array(fast["result"])
         diff = np.abs(got - ref).max() / np.abs(ref).max()
-        print(f"{tier:6} {naive['seconds']:9.2f} {fast['seconds']:9.2f} {naive['seconds'] / fast['seconds']:9.1f} "
+        print(f"{tier:6} {t_naive:9.2f} {t_tier:9.2f} {t_naive / t_tier:9.1f} "
               f"{naive['peak_extra_mb']:9.0f} {fast['peak_extra_mb']:9.0f} {diff:9.1e}")
 
 

@@ -182,3 +182,20 @@ def test_add_eos_and_context_length(make_model, tokenizer, probes):
                                             "chosen": " good", "rejected": " bad"}])
     with pytest.raises(ms.MarginscopeError, match="longer than the model's context"):
         ms.dynamics.measure(model, tokenizer, long)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "gpt_neox"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_lm_head_at_scored_positions_only_gives_the_same_log_probs(make_model, tokenizer, probes, arch, side,
+                                                                   monkeypatch):
+    """HF decoders compute logits at the scored positions only (logits_to_keep); against full logits
+    gathered at the same positions (the path of models without it, e.g. a wrapper)."""
+    from marginscope.dynamics import scoring
+    from oracles import ScaledLM
+    model = make_model(arch)
+    assert scoring._keeps_scored_logits(model) and not scoring._keeps_scored_logits(ScaledLM(model))
+    rows = [row for probe in ms.dynamics.encode(tokenizer, probes) for row in probe.rows()]
+    kept = scoring.score_rows(model, rows, padding_side=side)
+    monkeypatch.setattr(scoring, "_keeps_scored_logits", lambda model: False)
+    full = scoring.score_rows(model, rows, padding_side=side)
+    torch.testing.assert_close(kept.token_logp, full.token_logp, rtol=1e-12, atol=1e-12)

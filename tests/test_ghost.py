@@ -88,7 +88,7 @@ def test_tied_cross_terms_are_needed(make_model, tokenizer, probes, monkeypatch)
         _chunk_grams(model, tokenizer, probes, scope, ghost_gram_chunk), exact))
     real = ghost.pair_gram
     zero = torch.zeros(3, 3, dtype=torch.float64)
-    monkeypatch.setattr(ghost, "pair_gram", lambda u, v, *a: real(u, v, *a) if u is v else zero)
+    monkeypatch.setattr(ghost.sums, "pair_gram", lambda u, v, *a: real(u, v, *a) if u is v else zero)
     broken = _chunk_grams(model, tokenizer, probes, scope, ghost_gram_chunk)
     assert max(_rel(g, e) for g, e in zip(broken, exact)) > 1e-3
 
@@ -142,8 +142,8 @@ def test_forced_materialize_and_forced_ghost_agree(make_model, tokenizer, probes
     scope = select_parameters(model, "all")
     exact = _chunk_grams(model, tokenizer, probes, scope, exact_gram_chunk, padding_side="left")
     calls = []
-    real = ghost._materialized
-    monkeypatch.setattr(ghost, "_materialized", lambda o, rows: calls.append(o) or real(o, rows))
+    real = ghost.contract._materialized
+    monkeypatch.setattr(ghost.contract, "_materialized", lambda o, rows: calls.append(o) or real(o, rows))
     fast = _chunk_grams(model, tokenizer, probes, scope, ghost_gram_chunk, padding_side="left",
                         materialize=materialize)
     assert bool(calls) == materialize
@@ -154,11 +154,13 @@ def test_forced_materialize_and_forced_ghost_agree(make_model, tokenizer, probes
 
 
 def test_default_rule_materializes_small_layers_only(make_model, tokenizer, probes, monkeypatch):
-    model = make_model("llama", width=16)  # T = 36: 2·T² > 16·32 (MLP), < 320·16 (lm_head)
+    # 3 rows of T ≤ 36 tokens: R·T·(d_in + d_out) > 2·d_in·d_out for the MLP (64 × 128) and the
+    # attention projections, not for lm_head (320 × 64, T ≤ 18 scored positions)
+    model = make_model("llama", width=64)
     scope = select_parameters(model, "all")
     shapes = []
-    real = ghost._materialized
-    monkeypatch.setattr(ghost, "_materialized", lambda o, rows: shapes.append(o.l.shape[-1]) or real(o, rows))
+    real = ghost.contract._materialized
+    monkeypatch.setattr(ghost.contract, "_materialized", lambda o, rows: shapes.append(o.l.shape[-1]) or real(o, rows))
     fast = _chunk_grams(model, tokenizer, probes, scope, ghost_gram_chunk)
     assert shapes and model.config.vocab_size not in shapes  # lm_head stays ghost
     exact = _chunk_grams(model, tokenizer, probes, scope, exact_gram_chunk)

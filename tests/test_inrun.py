@@ -240,7 +240,7 @@ def test_failing_hook_with_on_error_reports_and_never_raises(make_model, tokeniz
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(ghost, "softmax_head_factors", boom)
+    monkeypatch.setattr(ghost.collector, "softmax_head_factors", boom)
     errors = []
     reference = [p.detach().clone() for p in model.parameters()]
     with InRunGeometry(model, n_pairs=n, params="all", on_error=errors.append) as rec:

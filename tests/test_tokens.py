@@ -118,8 +118,13 @@ def test_exact_tier_chunking_covers_every_block(make_model, tokenizer, probes, m
     scope = select_parameters(model, "all")
     probe = encode(tokenizer, probes)[0]  # 2 chosen and 18 rejected tokens
     blocks = []
-    real = tokens._virtual_gram
-    monkeypatch.setattr(tokens, "_virtual_gram", lambda uses, k, s: blocks.append(k) or real(uses, k, s))
+    real = tokens._block_gram
+
+    def counted(graphs, pair, *rest):
+        blocks.append(len(pair[0]) + len(pair[1]))
+        return real(graphs, pair, *rest)
+
+    monkeypatch.setattr(tokens, "_block_gram", counted)
     with gradient_scope(model, scope):
         whole = tokens.token_gram(model, probe, scope, "exact", padding_side="left")
         assert blocks == [20]
@@ -253,3 +258,71 @@ def test_model_left_untouched(make_model, tokenizer, probes, tier):
         assert torch.equal(p, before[n]) and p.requires_grad == flags[n], n
         assert (p.grad is None) == (n != "transformer.ln_f.weight"), n
     assert torch.equal(model.transformer.ln_f.weight.grad, torch.full_like(model.transformer.ln_f.weight, 3.0))
+
+
+def _per_row_gradients(o, k, vocab):
+    """Oracle: the [K, dim_l·dim_m] per-row gradients Σ_t l_t ⊗ m_t of a virtual-row factor, built
+    explicitly (a one-hot l scattered into a vocab-row table; shared sides broadcast)."""
+    m = o.m.double().expand(k, -1, -1)
+    if o.ids:
+        table = torch.zeros(k, vocab, m.shape[-1], dtype=torch.float64)
+        for t, i in enumerate(o.l[0].tolist()):
+            table[:, i] += m[:, t]
+        return table.flatten(1)
+    return torch.einsum("ktl,ktm->klm", o.l.double().expand(k, -1, -1), m).flatten(1)
+
+
+@pytest.mark.parametrize("materialize", [None, True, False])
+def test_virtual_pair_equals_explicit_per_row_gradients(materialize):
+    """Every factor combination the exact tier meets (Linear l = D, Conv1D l = X, ids, a tied head's D
+    against ids, materialized Dense), blocks and paired diagonals, against explicit gradients."""
+    from marginscope.dynamics.ghost import Dense, Outer, virtual_pair
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    vocab, t, s = 11, 5, 7
+    ids_w, ids_l = torch.randint(0, vocab, (1, t), generator=gen), torch.randint(0, vocab, (1, s), generator=gen)
+    for k_w, k_l in ((3, 4), (1, 4), (1, 1)):
+        cases = {  # name: (factor on w's k_w rows over t tokens, factor on l's k_l rows over s tokens)
+            "linear": (Outer(r(k_w, t, 6), r(1, t, 9)), Outer(r(k_l, s, 6), r(1, s, 9))),
+            "conv1d": (Outer(r(1, t, 9), r(k_w, t, 6)), Outer(r(1, s, 9), r(k_l, s, 6))),
+            "embedding": (Outer(ids_w, r(k_w, t, 6)), Outer(ids_l, r(k_l, s, 6))),
+            "tied head × embedding": (Outer(r(k_w, t, vocab), r(1, t, 6)), Outer(ids_l, r(k_l, s, 6))),
+            "embedding × tied head": (Outer(ids_w, r(k_w, t, 6)), Outer(r(k_l, s, vocab), r(1, s, 6))),
+            "dense × embedding": (Dense(r(k_w, vocab * 6)), Outer(ids_l, r(k_l, s, 6))),
+            "linear × dense": (Outer(r(k_w, t, 6), r(1, t, 9)), Dense(r(k_l, 54))),
+            "dense": (Dense(r(k_w, 8)), Dense(r(k_l, 8))),
+        }
+        for name, (u, v) in cases.items():
+            gu = u.g if isinstance(u, Dense) else _per_row_gradients(u, k_w, vocab)
+            gv = v.g if isinstance(v, Dense) else _per_row_gradients(v, k_l, vocab)
+            block = virtual_pair(u, v, paired=False, materialize=materialize)
+            torch.testing.assert_close(block, gu @ gv.T, rtol=1e-12, atol=1e-12, msg=name)
+            for f, g in ((u, gu), (v, gv)):
+                torch.testing.assert_close(virtual_pair(f, f, paired=True, materialize=materialize),
+                                           (g * g).sum(-1), rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+@pytest.mark.parametrize("arch,kwargs", [("gpt2", {}), ("llama", {}), ("qwen2", {}), ("gpt_neox", {}),
+                                         ("llama", {"tie": True}), ("lora", {})])
+def test_exact_tier_one_row_blocks_equal_oracle(make_model, tokenizer, probes, arch, kwargs, materialize):
+    """The exact tier's one-row graphs with only the chosen × rejected block and the diagonals
+    contracted, forced ghost or materialized and chunked, against one backward per token (the oracle
+    scores both rows in one padded batch, left and right)."""
+    if arch == "lora":
+        peft = pytest.importorskip("peft")
+        config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                 init_lora_weights=False)
+        model, params = peft.get_peft_model(make_model("llama"), config), "trainable"
+    else:
+        model, params = make_model(arch, **kwargs), "all"
+    scope = select_parameters(model, params)
+    with gradient_scope(model, scope):
+        for side, probe in zip(("left", "right", "left"), encode(tokenizer, probes)):
+            expected = exact_token_gram(model, probe, scope, padding_side=side)
+            rows = [(probe.prompt_ids, probe.response_ids[0]), (probe.prompt_ids, probe.response_ids[1])]
+            for k in (None, 3):
+                got = tokens.batched_token_gram(model, rows, scope, max_tokens_per_chunk=k, materialize=materialize)
+                for a, b in zip(got, expected):
+                    assert a.dtype == torch.float64 and a.shape == b.shape
+                    assert _rel(a, b) <= 1e-9

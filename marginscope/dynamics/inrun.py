@@ -19,7 +19,7 @@ Trainers that score per token (TRL 1.x's fused LM head returns [B, T] token log-
 `watch_tokens(token_logps, mask)` instead: s_i is the gradient reaching row i's scored tokens, the same
 for every token of a row when the loss sees Σ_t log π(y_t) (a row whose tokens get different gradients,
 e.g. TRL's `ld_alpha` down-weighting, is not a scaled a_i and is NaN). A head used outside its module
-(the fused kernel) is declared with `head=FunctionalHead(...)` (ghost.py); `marginscope.integrations.
+(the fused kernel) is declared with `head=FunctionalHead(...)` (ghost/collector.py); `marginscope.integrations.
 trl_inrun` wires all of this into `trl.DPOTrainer`.
 """
 

@@ -15,6 +15,8 @@ Log-softmax runs in float32 at least (float64 models stay float64).
 
 from __future__ import annotations
 
+import inspect
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -150,11 +152,25 @@ def score_rows(model: PreTrainedModel, rows: Sequence[Row], *, padding_side: str
     return ScoredRows(token_logp.masked_fill(~mask, 0.0), mask, logit_pos)
 
 
+def _keeps_scored_logits(model: PreTrainedModel) -> bool:
+    """Whether the model's forward takes transformers' `logits_to_keep` as a [B, T] index of positions
+    (its module uses `slice_logits_to_keep`), so the LM head runs at the scored positions only."""
+    forward = type(model).forward
+    return ("logits_to_keep" in inspect.signature(forward).parameters
+            and hasattr(sys.modules.get(forward.__module__), "slice_logits_to_keep"))
+
+
 def _scored_log_softmax(model: PreTrainedModel, input_ids, attention, position_ids, logit_pos) -> torch.Tensor:
-    """[B, T, V] next-token log-softmax at each scored position (float32 at least)."""
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                   use_cache=False).logits
-    picked = torch.gather(logits, 1, logit_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    """[B, T, V] next-token log-softmax at each scored position (float32 at least). The LM head runs
+    at the scored positions only where the model allows it (`_keeps_scored_logits`): no logits over the
+    prompt or padding, and the head's hooked call sees [B, T, d] inputs, position t scoring token t."""
+    if _keeps_scored_logits(model):
+        picked = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                       use_cache=False, logits_to_keep=logit_pos).logits
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                       use_cache=False).logits
+        picked = torch.gather(logits, 1, logit_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
     return picked.to(torch.promote_types(picked.dtype, torch.float32)).log_softmax(-1)
 
 

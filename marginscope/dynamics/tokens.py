@@ -27,12 +27,15 @@ wte, tied to lm_head) counts through its uses in the tier alone.
   position becomes a virtual row of length one ([B, T, …] → [K, 1, …]) for the ghost handlers.
   Cost: one forward, one backward through the tail.
 - "exact": every use of every scope parameter (all of g_t); a scope parameter the ghost engine cannot
-  attribute (or one used outside the modules it hooks) raises MarginscopeError. One forward over the
-  two rows; then per chunk of K tokens one `autograd.grad(token log-probs, every hooked call's output,
-  one-hot cotangents, is_grads_batched=True)`, which returns each call's output cotangents for the K
-  tokens at once ([K, B, T, d_out]; no tensor hooks: they do not fire under vmap). Token k is a
-  virtual row, the inputs of its own row with its cotangent, and the ghost handlers contract the
-  [K, K] Gram of the chunk's tokens. A chunk pairs a block of chosen with a block of rejected tokens,
+  attribute (or one used outside the modules it hooks) raises MarginscopeError. One forward per row
+  (batch 1: a token's cotangent is zero on the other row, so backpropagating it through a two-row
+  graph would be wasted work); then per chunk of K tokens of a row one `autograd.grad(token log-probs,
+  every hooked call's output, one-hot cotangents, is_grads_batched=True)`, which returns each call's
+  output cotangents for the K tokens at once ([K, 1, T, d_out]; no tensor hooks: they do not fire
+  under vmap). Token k is a virtual row: its own cotangent with its row's inputs, shared
+  (`ghost.virtual`). Only the chosen × rejected block and the squared norms are contracted
+  (`BlockSums`), each through the shared inputs' token Gram C = X_w X_lᵀ:
+  ⟨G_a, G_b⟩ = Σ_t D_a,t · (C D_b)_t. A chunk pairs a block of chosen with a block of rejected tokens,
   so every w × l block is covered; K is `max_tokens_per_chunk`, or what `TOKEN_CHUNK_BYTES` allows.
 
 Head and tail are computed this way whatever the engine; `exact_token_gram` (one backward per token)
@@ -48,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Iterator, Sequence
 
@@ -58,8 +61,8 @@ from torch.utils._pytree import tree_map
 
 from ..errors import MarginscopeError
 from .exact import ParameterScope
-from .ghost import Call, CallRecorder, GramSums, Plan, attributable_plan, plan_modules, sequence_mark
-from .scoring import EncodedProbe, Row, score_rows
+from .ghost import BlockSums, Call, CallRecorder, GramSums, Plan, attributable_plan, plan_modules, sequence_mark
+from .scoring import EncodedProbe, Row, ScoredRows, score_rows
 
 TIERS = ("head", "tail", "exact")
 TOKEN_CHUNK_BYTES = 1 << 30  # default memory budget of one chunk of the exact tier
@@ -84,10 +87,14 @@ def token_gram(model: nn.Module, probe: EncodedProbe, scope: ParameterScope, tie
 
 # --- head and tail: one backward, a virtual row per scored position ----------------------------------
 
-def _at_positions(call: Call, grad: Tensor, row: Tensor, pos: Tensor) -> tuple[Call, Tensor]:
+def _at_positions(call: Call, grad: Tensor, row: Tensor, token: Tensor, pos: Tensor, scored_len: int
+                  ) -> tuple[Call, Tensor]:
     """Virtual rows (row_k, position τ_k) as a batch of K rows of length one: every tensor input and
-    the cotangent [B, T, …] → [K, 1, …]; tensors without a batch dimension are shared."""
+    the cotangent [B, T, …] → [K, 1, …]; tensors without a batch dimension are shared. A call over the
+    scored positions only (the LM head of a model that keeps only the scored logits: as many positions
+    as the longest response, `scored_len`, fewer than the padded row's) is indexed by token instead."""
     b, t = grad.shape[:2]
+    pos = token if t == scored_len else pos
 
     def pick(x):
         if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != b:
@@ -140,30 +147,43 @@ def positionwise_token_gram(model: nn.Module, rows: Sequence[Row], scope: Parame
         raise MarginscopeError(f"per_token={tier!r}: no parameter of the scope ({scope.spec}) is used by "
                                f"the {tier} modules the ghost engine attributes")
     grads = torch.autograd.grad(scored.logp.sum(), recorder.outputs(records), allow_unused=True)
-    row, _, pos = scored.scored_tokens()
-    uses = [(r.call, partial(_at_positions, r.call, g, row, pos))
+    row, token, pos = scored.scored_tokens()
+    uses = [(r.call, partial(_at_positions, r.call, g, row, token, pos, scored.mask.shape[1]))
             for r, g in zip(records, grads) if g is not None]
     return _split(_virtual_gram(uses, len(row), scope), len(rows[0][1]))
 
 
-# --- exact: batched per-token cotangents, chunked over token blocks -----------------------------------
+# --- exact: one-row graphs, batched per-token cotangents, chosen × rejected blocks --------------------
 
-def _token_rows(call: Call, cotangents: Tensor, row: Tensor) -> tuple[Call, Tensor]:
-    """Virtual rows of K tokens: row_k of every input with a batch dimension, and token k's cotangent
-    on its own row ([K, B, …] → [K, …])."""
-    b = cotangents.shape[1]
+@dataclass
+class _RowGraph:
+    """One response's own forward (batch 1, no padding): its recorded calls and their outputs."""
 
-    def pick(x):
-        return x[row.to(x.device)] if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == b else x
+    recorder: CallRecorder
+    scored: ScoredRows
+    outputs: list[Tensor]
 
-    own = cotangents[torch.arange(len(row), device=cotangents.device), row.to(cotangents.device)]
-    return replace(call, args=tree_map(pick, call.args), kwargs=tree_map(pick, call.kwargs)), own
+    def cotangents(self, tokens: range) -> list[Tensor | None]:
+        """Every recorded call's output cotangents for the one-hot cotangents of `tokens`, [K, ...] each
+        (one batched activation backward, no parameter gradient)."""
+        logp = self.scored.token_logp
+        onehot = torch.zeros(len(tokens), *logp.shape, dtype=logp.dtype, device=logp.device)
+        onehot[torch.arange(len(tokens), device=logp.device), 0, torch.as_tensor(tokens, device=logp.device)] = 1
+        grads = torch.autograd.grad(logp, self.outputs, onehot, retain_graph=True, is_grads_batched=True,
+                                    allow_unused=True)
+        return [None if g is None else g.flatten(0, 1) for g in grads]
 
 
-def _tokens_per_chunk(outputs: Sequence[Tensor], width: int, budget: int) -> int:
-    """Largest K with K·Σ bytes(outputs) ≤ budget (the batched cotangents) and 24·(K·width)² ≤ budget
-    (the float64 [K·T]² products of a ghost contraction); at least 2."""
-    per_token = sum(o.numel() * o.element_size() for o in outputs)
+def _row_graph(model: nn.Module, scope: ParameterScope, plan: Plan, row: Row, pad_id: int) -> _RowGraph:
+    with CallRecorder(model, scope, plan) as recorder:
+        scored = score_rows(model, [row], pad_id=pad_id)
+    recorder.check_attribution(scored.logp.sum())
+    return _RowGraph(recorder, scored, recorder.outputs(recorder.calls))
+
+
+def _tokens_per_chunk(per_token: int, width: int, budget: int) -> int:
+    """Largest K with K·per_token ≤ budget (the batched cotangents: per_token bytes of hooked outputs
+    per token) and 24·(K·width)² ≤ budget (float64 temporaries of the contractions); at least 2."""
     return max(2, min(budget // max(per_token, 1), math.isqrt(budget // 24) // width))
 
 
@@ -177,39 +197,57 @@ def _blocks(t_w: int, t_l: int, k: int) -> tuple[list[range], list[range]]:
 
 
 def batched_token_gram(model: nn.Module, rows: Sequence[Row], scope: ParameterScope, *,
-                       padding_side: str = "right", pad_id: int = 0,
-                       max_tokens_per_chunk: int | None = None) -> TokenGram:
-    """Tier "exact" of the per-token Gram between rows[0] and rows[1] (module doc): one forward, one
-    batched backward per (chosen block, rejected block) of at most `max_tokens_per_chunk` tokens
-    (default: as many as `TOKEN_CHUNK_BYTES` allows)."""
-    with CallRecorder(model, scope, attributable_plan(model, scope)) as recorder:
-        scored = score_rows(model, rows, padding_side=padding_side, pad_id=pad_id)
-    recorder.check_attribution(scored.logp.sum())
-    outputs = recorder.outputs(recorder.calls)
-    row, token, _ = scored.scored_tokens()
+                       padding_side: str = "right", pad_id: int = 0, max_tokens_per_chunk: int | None = None,
+                       materialize: bool | None = None) -> TokenGram:
+    """Tier "exact" of the per-token Gram between rows[0] and rows[1] (module doc): one forward per row
+    (batch 1, so `padding_side` plays no part), then per (chosen block, rejected block) of at most
+    `max_tokens_per_chunk` tokens (default: as many as `TOKEN_CHUNK_BYTES` allows) one batched backward
+    per row and the block's contraction (`ghost.virtual`; materialize forces its materialized or
+    ghost form, for tests)."""
+    plan = attributable_plan(model, scope)
+    graphs = [_row_graph(model, scope, plan, row, pad_id) for row in rows]
     t_w, t_l = len(rows[0][1]), len(rows[1][1])
+    per_token = max(sum(o.numel() * o.element_size() for o in g.outputs) for g in graphs)
     width = max(len(prompt) + len(response) for prompt, response in rows)
-    k = max_tokens_per_chunk or _tokens_per_chunk(outputs, width, TOKEN_CHUNK_BYTES)
+    k = max_tokens_per_chunk or _tokens_per_chunk(per_token, width, TOKEN_CHUNK_BYTES)
     gram = torch.zeros(t_w, t_l, dtype=torch.float64)
     sq_w, sq_l = torch.zeros(t_w, dtype=torch.float64), torch.zeros(t_l, dtype=torch.float64)
     blocks_w, blocks_l = _blocks(t_w, t_l, k)
+    only_l = graphs[1].cotangents(blocks_l[0]) if len(blocks_l) == 1 else None
     for i, bw in enumerate(blocks_w):
+        cot_w = graphs[0].cotangents(bw)
         for j, bl in enumerate(blocks_l):
-            index = torch.tensor([*bw, *(t_w + s for s in bl)], device=row.device)
-            onehot = torch.zeros(len(index), *scored.token_logp.shape, dtype=scored.token_logp.dtype,
-                                 device=row.device)
-            onehot[torch.arange(len(index), device=row.device), row[index], token[index]] = 1
-            cotangents = torch.autograd.grad(scored.token_logp, outputs, onehot, retain_graph=True,
-                                             is_grads_batched=True, allow_unused=True)
-            uses = [(r.call, partial(_token_rows, r.call, c, row[index]))
-                    for r, c in zip(recorder.calls, cotangents) if c is not None]
-            g, s_w, s_l = _split(_virtual_gram(uses, len(index), scope), len(bw))
+            cot_l = only_l if only_l is not None else graphs[1].cotangents(bl)
+            g, s_w, s_l = _block_gram(graphs, (bw, bl), (cot_w, cot_l), (j == 0, i == 0), scope, materialize)
             gram[bw.start:bw.stop, bl.start:bl.stop] = g
             if j == 0:
                 sq_w[bw.start:bw.stop] = s_w
             if i == 0:
                 sq_l[bl.start:bl.stop] = s_l
     return gram, sq_w, sq_l
+
+
+def _block_gram(graphs: Sequence[_RowGraph], blocks: tuple[range, range], cotangents: tuple[list, list],
+                norms: tuple[bool, bool], scope: ParameterScope, materialize: bool | None
+                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One block of chosen × rejected tokens: (G [K_w, K_l], ‖g_w‖² [K_w] or None, ‖g_l‖² [K_l] or None),
+    float64 CPU, over every use of every scope parameter in both rows' graphs (a tied parameter's cross
+    terms included), from each graph's cotangents for its block's tokens."""
+    sums = BlockSums(len(blocks[0]), len(blocks[1]), scope.params[0].device, norms=norms, materialize=materialize)
+    uses = [[(r.call, c) for r, c in zip(g.recorder.calls, cot) if c is not None]
+            for g, cot in zip(graphs, cotangents)]
+    for side, side_uses in enumerate(uses):
+        for call, _ in side_uses:
+            sums.expect(side, call)
+    for n in range(max(map(len, uses))):  # both rows' calls in forward order: a factor is dropped early
+        for side, side_uses in enumerate(uses):
+            if n < len(side_uses):
+                call, grad = side_uses[n]
+                factors = call.kind.factors(call, grad)
+                for attr, p in call.params:
+                    sums.add(side, p, factors[attr], call)
+    out = [t if t is None else t.cpu() for t in sums.norms]
+    return sums.block.cpu(), out[0], out[1]
 
 
 # --- contraction --------------------------------------------------------------------------------------
