@@ -154,8 +154,9 @@ def score_rows(model: PreTrainedModel, rows: Sequence[Row], *, padding_side: str
 
 def _keeps_scored_logits(model: PreTrainedModel) -> bool:
     """Whether the model's forward takes transformers' `logits_to_keep` as a [B, T] index of positions
-    (its module uses `slice_logits_to_keep`), so the LM head runs at the scored positions only."""
-    forward = type(model).forward
+    (its module uses `slice_logits_to_keep`), so the LM head runs at the scored positions only. A
+    wrapper that calls a model with other parameter values names it as `wrapped_model`."""
+    forward = type(getattr(model, "wrapped_model", model)).forward
     return ("logits_to_keep" in inspect.signature(forward).parameters
             and hasattr(sys.modules.get(forward.__module__), "slice_logits_to_keep"))
 

@@ -32,16 +32,17 @@ ParamDict = Mapping[str, Tensor]
 
 
 class _Substituted:
-    """A model whose scope parameters take the given values (tied uses follow): what `score_rows` calls."""
+    """A model whose scope parameters take the given values (tied uses follow): what `score_rows` calls
+    (`wrapped_model` tells it which forward's options, e.g. `logits_to_keep`, the call accepts)."""
 
     def __init__(self, model: nn.Module, values: ParamDict) -> None:
-        self.model, self.values = model, values
+        self.wrapped_model, self.values = model, values
 
     def parameters(self):
-        return self.model.parameters()
+        return self.wrapped_model.parameters()
 
     def __call__(self, **kwargs):
-        return functional_call(self.model, dict(self.values), (), kwargs, tie_weights=True, strict=False)
+        return functional_call(self.wrapped_model, dict(self.values), (), kwargs, tie_weights=True, strict=False)
 
 
 @contextlib.contextmanager
