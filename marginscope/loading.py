@@ -81,8 +81,12 @@ def model_name(path: str | Path) -> str:
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved in the model directory `path`, or stored in the GGUF file `path` (with its
-    chat template); a one-line `MarginscopeError` when there is none."""
+    """The tokenizer saved in the directory `path` (a model directory, or one holding only a tokenizer),
+    or stored in the GGUF file `path` (with its chat template); a one-line `MarginscopeError` when there
+    is none."""
+    folder = Path(path)
+    if folder.is_dir() and any((folder / name).exists() for name in _TOKENIZER_FILES):
+        return _from_pretrained_tokenizer(folder, folder)
     source = resolve_model(path)
     if source.gguf is not None:
         folder = gguf_cache(source)

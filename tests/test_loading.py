@@ -134,3 +134,11 @@ def test_gguf_cache_is_reused_and_names_the_file(tmp_path, monkeypatch):
     (gguf_dir / "tiny.gguf").write_bytes(b"changed")  # a new file (size, mtime): converted again
     load_model(gguf_dir)
     assert len(calls) == 2
+
+
+def test_a_tokenizer_only_folder_loads_as_a_tokenizer(tmp_path):
+    from marginscope.demo.tiny import build_tokenizer
+    from marginscope.loading import load_tokenizer
+
+    build_tokenizer().save_pretrained(tmp_path / "tok")
+    assert load_tokenizer(tmp_path / "tok")("The movie")["input_ids"] == build_tokenizer()("The movie")["input_ids"]

@@ -436,11 +436,12 @@ def test_token_update_content(tracked, tokenizer):
         for k, where in enumerate(("before the differing tokens", "at the differing tokens", "after them")):
             assert f"Σ {where}: {values[regions == k].sum():+.3g}" in text
     with strict():
-        other = ms.plots.token_update(tracked, probe="p1", step=2)  # no tokenizer: ids
+        other = ms.plots.token_update(tracked, probe="p1", step=2)  # no tokenizer: the trace's token texts
     assert "probe p1 · step 0 → step 2" in all_text(other)
     with ms.trace.open(tracked) as tr:
         ids_p1 = tr.input_ids(1, w)[1]
-    assert [x.get_text() for x in other.axes[0].get_xticklabels()] == [str(i) for i in ids_p1]
+        stored = _data.load_tokenizer_like(None, tr)
+    assert [x.get_text() for x in other.axes[0].get_xticklabels()] == [_data.token_text(i, stored) for i in ids_p1]
     with strict():
         first = ms.plots.token_update(tracked, step=0)
     assert "no actual-update change at this record" in all_text(first)
