@@ -25,12 +25,15 @@ from .dynamics.optimizers import SPLITTERS, STEP_PARTS
 @dataclass
 class CapturedStep:
     """One captured optimizer step: the step number it produces, θ_{t−1} of the scope by name (None
-    when not copied: the caller holds it), and its parts {part: {name: tensor}} in the parameters'
-    dtype (None where the split is unavailable)."""
+    when not copied: the caller holds it), its parts {part: {name: tensor}} in the parameters'
+    dtype (None where the split is unavailable) and, when asked for, the gradient part's coefficient
+    c_t {name: float64 tensor} (parts["gradient"] = c_t ⊙ g_t; parameters the optimizer skipped have
+    none)."""
 
     step: int
     before: dict[str, Tensor] | None
     parts: dict[str, dict[str, Tensor]] | None
+    coefficient: dict[str, Tensor] | None = None
 
 
 def inner_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -69,14 +72,20 @@ class StepCapture:
         self._scope = scope
         self._device = device
         self._on_error = on_error
-        self._armed: tuple[int, bool] | None = None
+        self._armed: tuple[int, bool, bool] | None = None
         self._captured: CapturedStep | None = None
         self._handle = self.optimizer.register_step_pre_hook(self._pre_hook)
 
-    def arm(self, step: int, *, copy_before: bool = True) -> None:
+    def arm(self, step: int, *, copy_before: bool = True, coefficient: bool = False) -> None:
         """Capture the next optimizer step, the one that produces training step `step`; copy θ_{t−1}
-        unless the caller already holds it (`copy_before=False`)."""
-        self._armed = (step, copy_before)
+        unless the caller already holds it (`copy_before=False`); keep c_t too with `coefficient`
+        (one more float64 copy of the scope, for the per-pair attribution)."""
+        self._armed = (step, copy_before, coefficient)
+
+    @property
+    def armed(self) -> int | None:
+        """The step the next optimizer step is captured for, None when not armed."""
+        return None if self._armed is None else self._armed[0]
 
     def take(self, step: int) -> CapturedStep | None:
         """The capture of the step that produced `step` (None if that step was not captured)."""
@@ -100,13 +109,14 @@ class StepCapture:
             self.close()
             self._on_error(err)
 
-    def _capture(self, step: int, copy_before: bool) -> CapturedStep:
+    def _capture(self, step: int, copy_before: bool, keep_coefficient: bool) -> CapturedStep:
         pairs = list(zip(self._scope.names, self._scope.params))
         before = {n: self._copy(p, p) for n, p in pairs} if copy_before else None
         if self._split is None:
             return CapturedStep(step, before, None)
         parts = {part: {n: torch.zeros_like(p, device=self._device or p.device) for n, p in pairs}
                  for part in STEP_PARTS}
+        coefficient: dict[str, Tensor] | None = {} if keep_coefficient else None
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 name = self._names.get(id(p))
@@ -117,4 +127,6 @@ class StepCapture:
                 split = self._split(p, p.grad, self.optimizer.state.get(p, {}), group)
                 for part, value in split.parts.items():
                     parts[part][name] = self._copy(value, p)
-        return CapturedStep(step, before, parts)
+                if coefficient is not None:
+                    coefficient[name] = split.coefficient.to(device=self._device or p.device)
+        return CapturedStep(step, before, parts, coefficient)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 
 from . import losses as loss_zoo
 from .checkpoint import versions
+from .dynamics.attribution import pair_tangents, scale_terms
 from .dynamics.coefficients import classify_delta
 from .dynamics.exact import select_parameters
 from .dynamics.inrun import InRunGeometry, InRunPairs
@@ -60,7 +62,26 @@ from .trace.schema import Record, TraceWriter
 
 log = logging.getLogger("marginscope")
 
-MEASUREMENTS = ("geometry", "per_token", "top_k", "update", "in_run", "trace")
+MEASUREMENTS = ("geometry", "per_token", "top_k", "update", "in_run", "attribution", "trace")
+# attribution=None turns the per-pair attribution on when its per-pair gradients take at most this much
+ATTRIBUTION_AUTO_BYTES = 1 << 30
+
+
+@dataclass
+class _InRunRows:
+    """One micro-batch's in-run pairs, pending until written: the step they belong to (None until the
+    next `step()`), the geometry, the policy's log-probs [P] and the pairs' ids (`EncodedProbe`s, when
+    the caller gave them); after attribution, effect [P, N, R] (before the scale κ) and the terms κ is
+    fitted from (‖c⊙g_t‖², this micro-batch's ⟨c⊙g_t, Σ_j c⊙g_j⟩)."""
+
+    step: int | None
+    pairs: InRunPairs
+    logp_w: np.ndarray
+    logp_l: np.ndarray
+    examples: Sequence[EncodedProbe] | None = None
+    attributed: bool = False
+    effect: np.ndarray | None = None
+    scale_terms: tuple[float, float] | None = None
 
 
 class _Guard:
@@ -146,6 +167,13 @@ class Tracker:
     for torch Adam/AdamW/SGD, its split into "gradient", "momentum" and "weight_decay" parts by the
     optimizer's formula, plus the "residual" the formula leaves (float rounding); other optimizers get
     step_delta only and the metadata says why.
+    Who pushed it (the "attribution" measurement; needs `optimizer`, torch Adam/AdamW/SGD, and in-run
+    pairs: `in_run`, `marginscope train`, `InRunDPOTrainer`): on the step before each record every
+    training pair's gradient is materialized during the backward and its share of the "gradient"
+    part's effect on every probe is written with the in-run rows (`inrun()["probe_effect"]`,
+    `ms.dynamics.attribution`). attribution: True, False, or None (default) = on while the step's
+    per-pair gradients take at most ATTRIBUTION_AUTO_BYTES (1 GiB: LoRA scopes, small models); kept
+    on `snapshot_device`.
     start_step > 0 with an existing trace resumes it: records past start_step are dropped, the run
     appends to the same file, and start_step itself is recorded only when it is on the `every`
     schedule (so a resumed trace equals an uninterrupted one); start_step = 0 refuses an existing file
@@ -161,7 +189,7 @@ class Tracker:
                  encoded: Sequence[EncodedProbe] | None = None,
                  ref_context: Callable[[], contextlib.AbstractContextManager] | None = None, start_step: int = 0,
                  overwrite: bool = False, metadata: dict[str, Any] | None = None, optimizer=None,
-                 snapshot_device: str | torch.device | None = None) -> None:
+                 snapshot_device: str | torch.device | None = None, attribution: bool | None = None) -> None:
         if every < 1:
             raise MarginscopeError(f"every must be ≥ 1; got {every}")
         if top_k < 1:
@@ -194,7 +222,9 @@ class Tracker:
         self.rank, self.world_size = world()
         self.guard = _Guard()
         self.summary: dict[str, float] = {}
-        self._inrun: list[tuple[int | None, InRunPairs, np.ndarray, np.ndarray]] = []
+        self._inrun: list[_InRunRows] = []
+        self._attribution = attribution
+        self._attribution_skip_logged = False
         self._inrun_written_step: int | None = None
         self._writer: TraceWriter | None = None
         self._last_logp: np.ndarray | None = None
@@ -219,24 +249,53 @@ class Tracker:
         """Call after each optimizer step (step = 1, 2, ...) on every rank; records when
         step % every == 0. In-run rows gathered since the previous call get this step and are written
         now. Returns whether a record was made."""
-        self._inrun = [(step if s is None else s, *rest) for s, *rest in self._inrun]
+        self._inrun = [replace(e, step=step) if e.step is None else e for e in self._inrun]
         if self._closed:
             return False
         recorded = not (step % self.every or step == self._last_step)
         if recorded:
-            self._record(step)
+            captured = self._capture.take(step) if self._capture is not None else None
+            self._record(step, captured)
+            self._attribute(step, captured)
         self._flush_inrun()
         self._arm_capture(step + 1)
         return recorded
 
-    def in_run(self, *, n_pairs: int | None = None, pairs: Sequence[tuple[int, int]] | None = None) -> InRunStep:
+    def in_run(self, *, n_pairs: int | None = None, pairs: Sequence[tuple[int, int]] | None = None,
+               examples: Sequence[EncodedProbe] | None = None) -> InRunStep:
         """Context for one training forward+backward: exact per-pair geometry of its batch (see
-        `ms.dynamics.InRunGeometry`); the result is kept for the next `step()`."""
-        return InRunStep(self, n_pairs=n_pairs, pairs=pairs)
+        `ms.dynamics.InRunGeometry`) and, on the step before a record, each pair's gradient for the
+        attribution; the result is kept for the next `step()`. examples: the batch's pairs (an
+        `EncodedProbe` each, chosen = response 0, rejected = response 1; e.g. what `score_pairs` got),
+        so the trace can name them."""
+        return InRunStep(self, n_pairs=n_pairs, pairs=pairs, examples=examples)
 
-    def on_inrun_pairs(self, step: int | None, pairs: InRunPairs, logp_w: np.ndarray, logp_l: np.ndarray) -> None:
-        """Sink for in-run geometry computed elsewhere (the TRL mixin); step None = the next `step()`."""
-        self._inrun.append((step, pairs, np.asarray(logp_w, dtype=np.float64), np.asarray(logp_l, dtype=np.float64)))
+    def wants_pair_gradients(self, n_pairs: int) -> bool:
+        """Whether the coming backward (of `n_pairs` pairs) should materialize each pair's gradient: the
+        optimizer step it feeds precedes a record, its split is available and the attribution is on
+        (with attribution=None: the gradients fit ATTRIBUTION_AUTO_BYTES)."""
+        if (self._attribution is False or self._capture is None or self._capture.unavailable is not None
+                or self._capture.armed is None or self._closed or not self.guard.active("attribution")):
+            return False
+        if self._attribution is None:
+            size = sum(p.numel() * (8 if p.dtype == torch.float64 else 4) for p in self.scope.params)
+            pending = sum(len(e.pairs.inner) for e in self._inrun if e.pairs.gradients is not None)
+            if size * (n_pairs + pending) > ATTRIBUTION_AUTO_BYTES:
+                if not self._attribution_skip_logged:
+                    log.warning("marginscope: per-pair attribution skipped: the step's pair gradients would take "
+                                "%.2f GiB (more than %.0f GiB); pass attribution=True (snapshot_device='cpu' to "
+                                "keep them in host memory) to record it", size * (n_pairs + pending) / 2**30,
+                                ATTRIBUTION_AUTO_BYTES / 2**30)
+                    self._attribution_skip_logged = True
+                return False
+        return True
+
+    def on_inrun_pairs(self, step: int | None, pairs: InRunPairs, logp_w: np.ndarray, logp_l: np.ndarray, *,
+                       examples: Sequence[EncodedProbe] | None = None) -> None:
+        """Sink for in-run geometry computed elsewhere (the TRL mixin); step None = the next `step()`;
+        examples as in `in_run`."""
+        self._inrun.append(_InRunRows(step, pairs, np.asarray(logp_w, dtype=np.float64),
+                                      np.asarray(logp_l, dtype=np.float64), examples))
 
     def close(self) -> None:
         """Write pending in-run rows and close the trace (every rank; idempotent)."""
@@ -316,7 +375,8 @@ class Tracker:
         if self._capture is None or self._closed or step % self.every or not self.guard.active("update"):
             return
         # every = 1: θ_{t−1} is the previous record's snapshot, already held
-        self._capture.arm(step, copy_before=not (self._snapshot is not None and self._last_step == step - 1))
+        self._capture.arm(step, copy_before=not (self._snapshot is not None and self._last_step == step - 1),
+                          coefficient=self._attribution is not False and self.guard.active("attribution"))
 
     def _step_split(self) -> str:
         if self._capture is None:
@@ -339,13 +399,13 @@ class Tracker:
             "top_k": self.top_k, "padding_side": self.options["padding_side"], **self.convention,
             "world_size": self.world_size, "step_split": self._step_split(), "step_parts": list(STEP_PARTS),
             "snapshot_device": str(self._snapshot_device or "parameters"), "versions": versions(),
+            "attribution": {None: "auto", True: "on", False: "off"}[self._attribution],
             **self._extra_metadata,
         }
 
     # --- one record ------------------------------------------------------------------------------------
 
-    def _record(self, step: int) -> None:
-        captured = self._capture.take(step) if self._capture is not None else None
+    def _record(self, step: int, captured: CapturedStep | None = None) -> None:
         with preserved_state(self.model):
             mine = [i for chunk in my_chunks(len(self.encoded), self.options["batch_size"], self.rank,
                                               self.world_size) for i in chunk]
@@ -532,43 +592,139 @@ class Tracker:
 
     # --- in-run rows -------------------------------------------------------------------------------------
 
+    def _attribute(self, step: int, captured: CapturedStep | None) -> None:
+        """Each pending pair of `step` with a gradient: its share of the gradient part's first-order effect
+        on every probe response, ⟨a_i(θ_t), c_t ⊙ g_j⟩ (before κ, applied once every process's terms are
+        gathered: `_write_inrun`). The gradients are dropped here in any case."""
+        rows = [e for e in self._inrun if e.step == step and e.pairs.gradients is not None]
+        if not rows:
+            return
+        usable = (captured is not None and captured.coefficient is not None and captured.parts is not None
+                  and self.guard.active("attribution"))
+        if usable:
+            ok, _ = self.guard.run("attribution", lambda: self._pair_effects(rows, captured))
+            if not ok:
+                for e in rows:
+                    e.effect = e.scale_terms = None
+        for e in rows:
+            e.pairs, e.attributed = e.pairs.without_gradients(), True
+
+    def _pair_effects(self, rows: list[_InRunRows], captured: CapturedStep) -> None:
+        now = {n: p.detach() for n, p in zip(self.scope.names, self.scope.params)}
+        opts = dict(batch_size=self.options["batch_size"], padding_side=self.options["padding_side"],
+                    pad_id=self.pad_id)
+        gradient_part = captured.parts["gradient"]
+        with preserved_state(self.model):
+            for e in rows:
+                effects = []
+                n_pairs = len(e.pairs.inner)
+                for start in range(0, n_pairs, _TANGENTS_PER_PASS):
+                    tangents = pair_tangents(e.pairs.gradients, captured.coefficient,
+                                             range(start, min(n_pairs, start + _TANGENTS_PER_PASS)), like=now)
+                    _, derivative = directional_logp(self.model, self.encoded, tangents, **opts)
+                    effects.append(_sequence(derivative))
+                e.effect = np.concatenate(effects)
+                gp2, dot, _ = scale_terms(gradient_part, e.pairs.gradients, captured.coefficient)
+                e.scale_terms = (gp2, dot)
+        if self.world_size == 1:
+            self._check_decomposition(rows, gradient_part, captured.coefficient)
+
+    def _check_decomposition(self, rows: list[_InRunRows], gradient_part, coefficient) -> None:
+        """One process: warn when the pairs' gradients do not add up to the gradient the optimizer stepped
+        with, up to one scalar (a loss term outside the watched rows, a gradient the hooks missed)."""
+        total = {n: sum(e.pairs.gradients[n].to(torch.float64).sum(0, keepdim=True) for e in rows)
+                 for n in rows[0].pairs.gradients}
+        gp2, dot, u2 = scale_terms(gradient_part, total, coefficient)
+        if gp2 == 0 or dot == 0:
+            return
+        kappa = gp2 / dot
+        residual = max(0.0, gp2 - 2 * kappa * dot + kappa * kappa * u2) ** 0.5 / gp2 ** 0.5
+        if residual > _DECOMPOSITION_TOLERANCE:
+            log.warning("marginscope: the training pairs' gradients explain the step's gradient up to a relative "
+                        "residual of %.2g (a loss term or parameter use outside the watched pairs); "
+                        "probe_effect covers the pairs' share only", residual)
+
     def _flush_inrun(self) -> None:
         """Gather pending in-run rows (those already given a step) to rank 0 and append them."""
-        ready = [e for e in self._inrun if e[0] is not None]
-        self._inrun = [e for e in self._inrun if e[0] is None]
+        ready = [e for e in self._inrun if e.step is not None]
+        self._inrun = [e for e in self._inrun if e.step is None]
+        for e in ready:  # never gathered: a step not followed by a record keeps no gradient
+            if e.pairs.gradients is not None:
+                e.pairs = e.pairs.without_gradients()
         gathered = gather_to_main(ready)
         if gathered is None or self._writer is None:
             return
         self.guard.run("trace", lambda: self._write_inrun(gathered))
 
-    def _write_inrun(self, gathered: list[list[tuple]]) -> None:
+    def _pair_texts(self, examples: Sequence[EncodedProbe] | None, n: int, with_text: bool) -> dict[str, list[str]]:
+        if examples is None or len(examples) != n:
+            return {}
+        texts = {"pair_id": [e.probe_id for e in examples]}
+        if with_text:
+            decode = lambda ids: self.tokenizer.decode(list(ids))  # noqa: E731
+            texts.update(prompt=[decode(e.prompt_ids) for e in examples],
+                         chosen=[decode(e.response_ids[0]) for e in examples],
+                         rejected=[decode(e.response_ids[1]) for e in examples])
+        return texts
+
+    def _write_inrun(self, gathered: list[list[_InRunRows]]) -> None:
+        kappa = _effect_scales(gathered)
         counts: dict[int, int] = {}
         for rank, rows in enumerate(gathered):
             counts.clear()
-            for step, pairs, logp_w, logp_l in rows:
-                start = counts.get(step, 0)
-                self._writer.append_inrun(step, rank=rank, pair_start=start, inner=pairs.inner, sq_w=pairs.sq_w,
-                                          sq_l=pairs.sq_l, scale_w=pairs.scale_w, scale_l=pairs.scale_l,
-                                          case=pairs.case, logp_w=logp_w, logp_l=logp_l)
-                counts[step] = start + len(pairs.inner)
-        rows = [p for per_rank in gathered for _, p, _, _ in per_rank]
+            for e in rows:
+                start, pairs, n = counts.get(e.step, 0), e.pairs, len(e.pairs.inner)
+                measured = e.effect is not None and e.step in kappa
+                self._writer.append_inrun(
+                    e.step, rank=rank, pair_start=start, inner=pairs.inner, sq_w=pairs.sq_w, sq_l=pairs.sq_l,
+                    scale_w=pairs.scale_w, scale_l=pairs.scale_l, case=pairs.case, logp_w=e.logp_w,
+                    logp_l=e.logp_l, probe_effect=e.effect * kappa[e.step] if measured else None,
+                    effect_scale=np.full(n, kappa[e.step]) if measured else None,
+                    texts=self._pair_texts(e.examples, n, measured))
+                counts[e.step] = start + n
+        rows = [e.pairs for per_rank in gathered for e in per_rank]
         if rows:
             summary = inrun_summary(np.concatenate([p.cosine for p in rows]), np.concatenate([p.case for p in rows]))
             self.summary.update({f"marginscope/{k}": v for k, v in summary.items()})
+
+
+_TANGENTS_PER_PASS = 4  # pairs differentiated along in one vmapped forward-mode pass
+_DECOMPOSITION_TOLERANCE = 1e-4
+
+
+def _effect_scales(gathered: list[list[_InRunRows]]) -> dict[int, float]:
+    """κ per attributed step, κ = ‖c⊙g_t‖² / Σ_j ⟨c⊙g_t, c⊙g_j⟩ over every process's pairs; a step where
+    some process's pairs lack their terms gets none (its effects are not written)."""
+    terms: dict[int, list] = {}
+    for rows in gathered:
+        for e in rows:
+            if e.attributed:
+                terms.setdefault(e.step, []).append(e.scale_terms)
+    out = {}
+    for step, values in terms.items():
+        if any(v is None for v in values):
+            continue
+        dot = sum(v[1] for v in values)
+        out[step] = values[0][0] / dot if dot != 0 else np.nan
+    return out
 
 
 class InRunStep:
     """`Tracker.in_run(...)`: an `InRunGeometry` whose failures are logged once and disable the in-run
     measurement instead of reaching the training step. Exceptions of the training code itself pass."""
 
-    def __init__(self, tracker: Tracker, *, n_pairs: int | None, pairs: Sequence[tuple[int, int]] | None) -> None:
+    def __init__(self, tracker: Tracker, *, n_pairs: int | None, pairs: Sequence[tuple[int, int]] | None,
+                 examples: Sequence[EncodedProbe] | None = None) -> None:
         self.tracker = tracker
+        self.examples = examples
         self._geo: InRunGeometry | None = None
         self._logps: Tensor | None = None
         if tracker.guard.active("in_run"):
+            count = n_pairs if n_pairs is not None else len(pairs or ())
             ok, geo = tracker.guard.run("in_run", lambda: InRunGeometry(
                 tracker.model, n_pairs=n_pairs, pairs=pairs, params=tracker.options["params"],
-                on_error=lambda err: tracker.guard.fail("in_run", err)))
+                on_error=lambda err: tracker.guard.fail("in_run", err),
+                pair_gradients=tracker.wants_pair_gradients(count), store=tracker._snapshot_device))
             self._geo = geo if ok else None
 
     def __enter__(self) -> InRunStep:
@@ -599,7 +755,7 @@ class InRunStep:
         if ok:
             logps = self._logps.to(torch.float64).cpu().numpy()
             self.tracker.on_inrun_pairs(None, result, logps[[w for w, _ in geo.pairs]],
-                                        logps[[l for _, l in geo.pairs]])
+                                        logps[[l for _, l in geo.pairs]], examples=self.examples)
 
     def _close_geometry(self) -> None:
         geo, self._geo = self._geo, None

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .attribution import PairGradientCollector
 from .coefficients import classify
 from .exact import ParamSpec, select_parameters
 from .ghost import FunctionalHead, GhostCollector, sequence_mark
@@ -50,6 +51,13 @@ class InRunPairs:
     scale_w: np.ndarray  # ∂loss/∂log π_w as seen by the backward (= −c·d_w)
     scale_l: np.ndarray  # ∂loss/∂log π_l (= +c·d_l)
     case: np.ndarray
+    # with `pair_gradients`: {name: [P, *param.shape]} each pair's share of the gradient this backward
+    # accumulated (`attribution.PairGradientCollector`); None otherwise
+    gradients: dict[str, Tensor] | None = None
+
+    def without_gradients(self) -> InRunPairs:
+        """The same geometry without the (parameter-sized) gradients."""
+        return InRunPairs(self.inner, self.sq_w, self.sq_l, self.scale_w, self.scale_l, self.case)
 
     @property
     def cosine(self) -> np.ndarray:
@@ -85,18 +93,23 @@ class InRunGeometry:
     on_error: None (errors raise, also from inside the forward or backward), or a handler that receives
     an error raised by a hook instead; the geometry is then `failed`, observes nothing more and its
     result is NaN (for trainers that must never be interrupted). materialize: as in `GhostCollector`.
+    pair_gradients: also materialize each pair's gradient (`InRunPairs.gradients`, for the per-pair
+    attribution of `ms.dynamics.attribution`), kept on `store` (None: beside the parameters; "cpu").
     """
 
     def __init__(self, model: nn.Module, *, n_pairs: int | None = None,
                  pairs: Sequence[tuple[int, int]] | None = None, params: ParamSpec = "trainable",
                  on_error: Callable[[BaseException], None] | None = None,
-                 materialize: bool | None = None) -> None:
+                 materialize: bool | None = None, pair_gradients: bool = False,
+                 store: str | torch.device | None = None) -> None:
         if (n_pairs is None) == (pairs is None):
             raise ValueError("give exactly one of n_pairs (TRL layout) or pairs")
         self.pairs = list(pairs) if pairs is not None else trl_pairs(n_pairs)
         self.scope = select_parameters(model, params)
-        self._collector = GhostCollector(model, self.scope, [list(p) for p in self.pairs], on_error=on_error,
-                                         materialize=materialize)
+        groups = [list(p) for p in self.pairs]
+        self._collector = (PairGradientCollector(model, self.scope, groups, store=store, materialize=materialize,
+                                                 on_error=on_error) if pair_gradients else
+                           GhostCollector(model, self.scope, groups, on_error=on_error, materialize=materialize))
         self._scale: Tensor | None = None
         self._logps: Tensor | None = None
         self._mask: Tensor | None = None
@@ -197,5 +210,6 @@ class InRunGeometry:
         s_l = np.array([scale[l] for _, l in self.pairs])
         # a row without a usable scale (0, or unequal token gradients) is NaN in every entry it enters;
         # the other row's squared norm stays
+        gradients = getattr(self._collector, "gradients", None)
         return InRunPairs(grams[:, 0, 1], grams[:, 0, 0], grams[:, 1, 1], s_w, s_l,
-                          classify(grams, -s_w, s_l))
+                          classify(grams, -s_w, s_l), gradients)

@@ -26,9 +26,10 @@ from .integrity import open_swmr
 from ..errors import MarginscopeError
 
 SCHEMA = "marginscope-trace"
-SCHEMA_VERSION = 3
-# Older versions this reader opens: version 2 lacks the actual-update views (read as NaN / Case 0).
-_READABLE_VERSIONS = (2, 3)
+SCHEMA_VERSION = 4
+# Older versions this reader opens: version 2 lacks the actual-update views (read as NaN / Case 0),
+# versions 2 and 3 the per-pair attribution of in-run rows (read as NaN / "").
+_READABLE_VERSIONS = (2, 3, 4)
 # The named parts of `step_parts`: the optimizer's formula, then what it leaves of the actual update.
 STEP_PART_NAMES = (*STEP_PARTS, "residual")
 # SWMR needs the HDF5 1.10 file format; the low bound keeps traces readable by HDF5 ≥ 1.10.
@@ -103,15 +104,22 @@ _TOKEN_GRAM_FIELDS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "step": (np.int64, ()),
 }
 
-# /inrun: one row per training pair, 1-D datasets; `step` last.
-_INRUN_FIELDS: dict[str, Any] = {
-    "rank": np.int16, "pair": np.int32, "inner": np.float64, "sq_w": np.float64, "sq_l": np.float64,
-    "scale_w": np.float64, "scale_l": np.float64, "logp_w": np.float64, "logp_l": np.float64,
-    "case": np.int8, "step": np.int64,
+# /inrun: one row per training pair: name → (dtype, dims after the row axis); `step` last.
+_INRUN_FIELDS: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "rank": (np.int16, ()), "pair": (np.int32, ()), "inner": (np.float64, ()), "sq_w": (np.float64, ()),
+    "sq_l": (np.float64, ()), "scale_w": (np.float64, ()), "scale_l": (np.float64, ()),
+    "logp_w": (np.float64, ()), "logp_l": (np.float64, ()), "case": (np.int8, ()),
+    "probe_effect": (np.float64, ("probe", "response")), "effect_scale": (np.float64, ()),
+    "pair_id": (_STR, ()), "prompt": (_STR, ()), "chosen": (_STR, ()), "rejected": (_STR, ()),
+    "step": (np.int64, ()),
 }
+# In-run fields traces before version 4 lack, and the value their reader shows.
+_V4_INRUN_FIELDS = {"probe_effect": np.nan, "effect_scale": np.nan, "pair_id": "", "prompt": "", "chosen": "",
+                    "rejected": ""}
+_INRUN_TEXT = ("pair_id", "prompt", "chosen", "rejected")
 
 # The large per-token record datasets are compressed (see benchmarks/bench_trace_append.py).
-_COMPRESSED = {"token_logp", "topk_ids", "topk_prob", "actual_token_delta"}
+_COMPRESSED = {"token_logp", "topk_ids", "topk_prob", "actual_token_delta", "probe_effect"}
 _COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 _INRUN_CHUNK = 4096
 _COPY_BYTES = 64 << 20  # bytes copied per block when resume rebuilds a trace
@@ -160,10 +168,12 @@ def nonfinite_probes(record: Record) -> np.ndarray:
 
 # ---- creating the layout ----------------------------------------------------------------------
 
-def _resizable(group: h5py.Group, name: str, dtype: Any, shape: tuple[int, ...], compress: bool = False) -> None:
-    """An empty dataset growing along axis 0: one chunk per record, or 1-D chunks of in-run rows."""
+def _resizable(group: h5py.Group, name: str, dtype: Any, shape: tuple[int, ...], compress: bool = False,
+               rows: int = 1) -> None:
+    """An empty dataset growing along axis 0: chunks of `rows` rows (one record), or 1-D chunks of
+    in-run rows."""
     group.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-                         chunks=(1, *shape) if shape else (_INRUN_CHUNK,),
+                         chunks=(rows, *shape) if shape else (_INRUN_CHUNK,),
                          **(_COMPRESSION if compress else {}))
 
 
@@ -179,8 +189,8 @@ def _create_datasets(f: h5py.File, dims: _Dims, token_gram_shapes: dict[int, tup
         for name, (dtype, axes) in _TOKEN_GRAM_FIELDS.items():
             _resizable(grp, name, dtype, dims.shape(axes, t_w, t_l))
     inrun = f.create_group(_INRUN)
-    for name, dtype in _INRUN_FIELDS.items():
-        _resizable(inrun, name, dtype, ())
+    for name, (dtype, axes) in _INRUN_FIELDS.items():
+        _resizable(inrun, name, dtype, dims.shape(axes), compress=name in _COMPRESSED, rows=64)
 
 
 def _check_header_inputs(path: Path, probes, encoded: Sequence[EncodedProbe], names: Sequence[str],
@@ -409,19 +419,27 @@ class TraceWriter:
             self._token_gram[n] += 1
 
     def append_inrun(self, step: int, *, rank: int = 0, pair_start: int = 0, inner, sq_w, sq_l,
-                     scale_w, scale_l, case, logp_w=None, logp_l=None) -> None:
+                     scale_w, scale_l, case, logp_w=None, logp_l=None, probe_effect=None, effect_scale=None,
+                     texts: dict[str, Sequence[str]] | None = None) -> None:
         """Append the P pairs of one training step (pair = pair_start + 0..P−1); logp NaN when not
-        given; `step` last, then flush."""
+        given; probe_effect [P, N, R] (each pair's share of the step's gradient-part effect on the
+        probes) and effect_scale [P] NaN when not given; texts {"pair_id", "prompt", "chosen",
+        "rejected": P strings each} "" when not given; `step` last, then flush."""
         p = len(inner)
         nan = np.full(p, np.nan)
         cols = {"rank": np.full(p, rank), "pair": pair_start + np.arange(p), "inner": inner, "sq_w": sq_w,
                 "sq_l": sq_l, "scale_w": scale_w, "scale_l": scale_l,
                 "logp_w": nan if logp_w is None else logp_w, "logp_l": nan if logp_l is None else logp_l,
-                "case": case}
-        cols = {name: np.asarray(v, dtype=_INRUN_FIELDS[name]) for name, v in cols.items()}
-        bad = [name for name, v in cols.items() if v.shape != (p,)]
+                "case": case, "effect_scale": nan if effect_scale is None else effect_scale,
+                "probe_effect": (np.full((p, self._dims.probe, self._dims.response), np.nan)
+                                 if probe_effect is None else probe_effect)}
+        for name in _INRUN_TEXT:
+            cols[name] = np.array([""] * p if texts is None or name not in texts else list(texts[name]), dtype=object)
+        cols = {name: np.asarray(v, dtype=_INRUN_FIELDS[name][0]) for name, v in cols.items()}
+        bad = [name for name, v in cols.items() if v.shape != (p, *self._dims.shape(_INRUN_FIELDS[name][1]))]
         if bad:
-            raise MarginscopeError(f"{self.path}: in-run columns {bad} are not 1-D of length {p} (len(inner))")
+            raise MarginscopeError(f"{self.path}: in-run columns {bad} do not have {p} rows (len(inner)) of "
+                                   "the expected shape")
         inrun, c = self._f[_INRUN], self._inrun
         for name, value in cols.items():
             _write_rows(inrun[name], c, value)
@@ -496,7 +514,7 @@ def _copy_until(src: h5py.File, dst: h5py.File, step: int) -> None:
     for n in shapes:
         path = f"{_TOKEN_GRAM}/{n}"
         _copy_group(src[path], dst[path], _TOKEN_GRAM_FIELDS, rec_steps[-1] if len(rec_steps) else -np.inf)
-    _copy_group(src[_INRUN], dst[_INRUN], _INRUN_FIELDS, step)
+    _copy_group(src[_INRUN], dst[_INRUN], {name: None for name in _INRUN_FIELDS}, step)
 
 
 def _copy_group(src: h5py.Group, dst: h5py.Group, fields: dict[str, Any], max_step: float) -> np.ndarray:
@@ -686,11 +704,25 @@ class Trace:
         return {name: _read_rows(self._f[key], name, count) for name in _TOKEN_GRAM_FIELDS}
 
     def inrun(self) -> dict[str, np.ndarray]:
-        """The committed in-run rows (one per training pair): step, rank, pair, inner, sq_w, sq_l,
-        scale_w, scale_l, logp_w, logp_l, case — 1-D arrays of equal length."""
+        """The committed in-run rows (one per training pair), arrays with one row each: step, rank,
+        pair, inner, sq_w, sq_l, scale_w, scale_l, logp_w, logp_l, case; probe_effect float64
+        [rows, N, R] (nats: the pair's share of the gradient part's first-order effect on each probe
+        response over the step before a record, NaN on other steps), effect_scale (κ, see
+        `ms.dynamics.attribution`); pair_id, prompt, chosen, rejected: str ("" where not recorded)."""
         grp = self._f[_INRUN]
         count = _committed(grp)
-        return {name: _read_rows(grp, name, count) for name in _INRUN_FIELDS}
+        out = {}
+        for name, (dtype, axes) in _INRUN_FIELDS.items():
+            if name not in grp:  # a trace before version 4
+                fill = _V4_INRUN_FIELDS[name]
+                out[name] = (np.full((count, *_Dims.of(self._f).shape(axes)), fill) if name not in _INRUN_TEXT
+                             else np.array([fill] * count, dtype=object))
+            elif name in _INRUN_TEXT:
+                out[name] = np.array([v.decode("utf-8") if isinstance(v, bytes) else v
+                                      for v in _read_rows(grp, name, count)], dtype=object)
+            else:
+                out[name] = _read_rows(grp, name, count)
+        return out
 
     def to_xarray(self):
         """An `xarray.Dataset` of the committed records: dims (step, probe, response, response_j,
