@@ -261,6 +261,11 @@ class Tracker:
         self._arm_capture(step + 1)
         return recorded
 
+    @property
+    def snapshot_device(self) -> str | torch.device | None:
+        """Where parameter copies (and the pairs' gradients) are kept; None: beside the parameters."""
+        return self._snapshot_device
+
     def in_run(self, *, n_pairs: int | None = None, pairs: Sequence[tuple[int, int]] | None = None,
                examples: Sequence[EncodedProbe] | None = None) -> InRunStep:
         """Context for one training forward+backward: exact per-pair geometry of its batch (see
@@ -724,7 +729,7 @@ class InRunStep:
             ok, geo = tracker.guard.run("in_run", lambda: InRunGeometry(
                 tracker.model, n_pairs=n_pairs, pairs=pairs, params=tracker.options["params"],
                 on_error=lambda err: tracker.guard.fail("in_run", err),
-                pair_gradients=tracker.wants_pair_gradients(count), store=tracker._snapshot_device))
+                pair_gradients=tracker.wants_pair_gradients(count), store=tracker.snapshot_device))
             self._geo = geo if ok else None
 
     def __enter__(self) -> InRunStep:

@@ -178,3 +178,40 @@ def test_inrun_dpo_trainer_writes_every_training_pair_into_the_trace(make_model,
         assert np.isfinite(inrun["inner"]).all() and (inrun["sq_w"] > 0).all()
         assert np.isfinite(inrun["logp_w"]).all() and set(inrun["case"].tolist()) <= {1, 2, 3, 4}
     assert any("marginscope/inrun_cosine_mean" in h for h in trainer.state.log_history)
+
+
+def test_inrun_dpo_trainer_attributes_the_step_to_its_pairs(make_model, tokenizer, probes, tmp_path):
+    """TRL's fused head on a tied float64 GPT-2, 2 micro-batches per step, gradient clipping: every pair of
+    the step before a record gets a probe_effect; they add up to the step's gradient part, and κ is
+    the clipping factor max_norm / ‖g‖ TRL applied (1 when it did not clip)."""
+    model = make_model("gpt2", dtype=torch.float64)
+    rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in probes] * 4
+    args = trl.DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=4,
+                         gradient_accumulation_steps=2, learning_rate=5e-3, logging_steps=1, save_strategy="no",
+                         report_to="none", use_cpu=True, seed=0, disable_tqdm=True, bf16=False, max_grad_norm=0.5)
+    trainer = ms.integrations.InRunDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                                              train_dataset=datasets.Dataset.from_list(rows),
+                                              processing_class=tokenizer)
+    recorder = ms.integrations.InRunRecorder()
+    trainer.add_callback(recorder)
+    ms.integrations.attach(trainer, ms.integrations.TRLCallback(probes=probes, path=tmp_path / "run.h5", every=2))
+    trainer.train()
+    assert all(r.pairs.gradients is None for r in recorder.records)  # only the tracker asked for them
+    norms = {h["step"]: h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h}
+    with ms.trace.open(tmp_path / "run.h5") as tr:
+        inrun, parts, steps = tr.inrun(), tr.step_parts, list(tr.steps)
+    assert steps == [0, 2, 4]
+    for step in (2, 4):
+        sel = inrun["step"] == step
+        effect = inrun["probe_effect"][sel]
+        assert sel.sum() == 4 and np.isfinite(effect).all()
+        # TRL's fused head computes its softmax in float32 even in a float64 model (trl/kernels/chunked_logprob.py),
+        # so the gradient it stepped with differs from the exact float64 one by ~1e-7 relative
+        np.testing.assert_allclose(effect.sum(0), parts["gradient"][steps.index(step)], rtol=1e-6,
+                                   atol=1e-9 * np.abs(effect).max())
+        np.testing.assert_allclose(inrun["effect_scale"][sel], min(1.0, 0.5 / norms[step]), rtol=1e-4)
+        texts = set(inrun["chosen"][sel])
+        assert texts <= {tokenizer.decode(tokenizer(p.chosen)["input_ids"]) + tokenizer.eos_token for p in probes} or \
+            all(any(p.chosen.strip() in t for p in probes) for t in texts)
+        assert all(t for t in inrun["prompt"][sel])
+    assert np.isnan(inrun["probe_effect"][np.isin(inrun["step"], [1, 3])]).all()

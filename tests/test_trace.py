@@ -96,13 +96,15 @@ def test_round_trip_every_field(tmp_path):
         assert w.steps.tolist() == [] and w.last_logp() is None
         w.append(first)
         w.append_inrun(1, **inrun_rows(1), logp_w=[1.0, 2.0, 3.0], logp_l=[4.0, 5.0, 6.0])
-        w.append_inrun(2, rank=1, pair_start=3, **inrun_rows(2, p=2))
+        w.append_inrun(2, rank=1, pair_start=3, **inrun_rows(2, p=2), effect_scale=[0.5, 0.5],
+                       probe_effect=np.arange(2 * N * R, dtype=float).reshape(2, N, R),
+                       texts={"pair_id": ["a", "b"], "prompt": ["x", "y"], "chosen": ["é", ""], "rejected": ["r", "s"]})
         w.append(second)
         assert w.steps.tolist() == [0, 5]
         np.testing.assert_array_equal(w.last_logp(), second.logp)
         np.testing.assert_array_equal(w.ref_logp, np.arange(N * R).reshape(N, R))
     with ms.trace.open(path) as tr:
-        assert tr.schema_version == ms.trace.SCHEMA_VERSION == 3
+        assert tr.schema_version == ms.trace.SCHEMA_VERSION == 4
         assert tr.names == NAMES and tr.probe_ids == ["p0", "p1", "p2"] and tr.top_k == TOP_K
         assert tr.fingerprint == probes().fingerprint()
         assert tr.metadata == {"model": "tiny", "lr": 1e-3}
@@ -130,6 +132,10 @@ def test_round_trip_every_field(tmp_path):
         np.testing.assert_array_equal(inrun["case"], np.r_[inrun_rows(1)["case"], inrun_rows(2, 2)["case"]])
         np.testing.assert_array_equal(inrun["logp_w"][:3], [1.0, 2.0, 3.0])
         assert np.isnan(inrun["logp_l"][3:]).all()
+        assert inrun["probe_effect"].shape == (5, N, R) and np.isnan(inrun["probe_effect"][:3]).all()
+        np.testing.assert_array_equal(inrun["probe_effect"][3:], np.arange(2 * N * R).reshape(2, N, R))
+        assert np.isnan(inrun["effect_scale"][:3]).all() and inrun["effect_scale"][3:].tolist() == [0.5, 0.5]
+        assert inrun["pair_id"].tolist() == ["", "", "", "a", "b"] and inrun["chosen"].tolist()[3:] == ["é", ""]
 
 
 def test_explicit_nonfinite_is_kept(tmp_path):
@@ -340,6 +346,24 @@ def test_resume_refuses_another_run(tmp_path):
     assert_records(path, [0, 10, 20, 30])  # untouched by the refusals
 
 
+def test_a_version_3_trace_reads_without_attribution(tmp_path):
+    """Traces before version 4 have no per-pair attribution: it reads as NaN and empty texts."""
+    import h5py
+
+    path = tmp_path / "v3.h5"
+    with create(path) as w:
+        w.append(make_record(0))
+        w.append_inrun(1, **inrun_rows(1))
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_version"] = 3
+        for name in ("probe_effect", "effect_scale", "pair_id", "prompt", "chosen", "rejected"):
+            del f["inrun"][name]
+    with ms.trace.open(path) as tr:
+        inrun = tr.inrun()
+        assert inrun["probe_effect"].shape == (3, N, R) and np.isnan(inrun["probe_effect"]).all()
+        assert inrun["prompt"].tolist() == [""] * 3 and inrun["inner"].shape == (3,)
+
+
 def test_other_schema_versions_and_non_traces_are_refused(tmp_path):
     path = tmp_path / "run.h5"
     _run_with_gaps(path)
@@ -403,7 +427,7 @@ def test_bad_appends_are_refused_and_leave_the_trace_intact(tmp_path):
             w.append(bad_gram)
         with pytest.raises(ms.MarginscopeError, match="not after the last recorded step 0"):
             w.append(make_record(0))
-        with pytest.raises(ms.MarginscopeError, match="not 1-D of length 3"):
+        with pytest.raises(ms.MarginscopeError, match=r"in-run columns \[.sq_w.\] do not have 3 rows"):
             w.append_inrun(1, **{**inrun_rows(1), "sq_w": np.zeros(2)})
         w.append(make_record(1))
     assert_records(path, [0, 1])

@@ -81,10 +81,20 @@ class TrackerCallback(TrainerCallback):
         if self.tracker is not None:
             self.tracker.close()
 
-    def on_inrun_pairs(self, step: int, pairs: InRunPairs, logp_w: np.ndarray, logp_l: np.ndarray) -> None:
+    def on_inrun_pairs(self, step: int, pairs: InRunPairs, logp_w: np.ndarray, logp_l: np.ndarray, *,
+                       examples=None) -> None:
         """Receives the in-run geometry of a training micro-batch (from `InRunMixin`)."""
         if self.tracker is not None:
-            self.tracker.on_inrun_pairs(step, pairs, logp_w, logp_l)
+            self.tracker.on_inrun_pairs(step, pairs, logp_w, logp_l, examples=examples)
+
+    def wants_pair_gradients(self, n_pairs: int) -> bool:
+        """Whether the coming micro-batch should deliver its pairs' gradients (`Tracker.wants_pair_gradients`)."""
+        return self.tracker is not None and self.tracker.wants_pair_gradients(n_pairs)
+
+    @property
+    def pair_gradient_store(self):
+        """Where the pairs' gradients are kept: the tracker's `snapshot_device`."""
+        return self.tracker.snapshot_device if self.tracker is not None else None
 
 
 def attach(trainer, callback: TrackerCallback) -> TrackerCallback:

@@ -14,7 +14,10 @@ over the trainable parameters; after the backward (`training_step`), every callb
 the optimizer step the micro-batch belongs to (`state.global_step + 1`; micro-batches of one
 accumulated step share it), the `InRunPairs` of its P pairs (chosen row p, rejected row P + p) and the
 policy's sequence log-probs [P] (float64) of the chosen and rejected responses. Without such a callback
-nothing is hooked.
+nothing is hooked. A callback that also has `wants_pair_gradients(n_pairs) -> bool` (the tracker's
+`TRLCallback`: on the step before a record) gets, when it says so, each pair's materialized gradient
+in `InRunPairs.gradients` (kept on its `pair_gradient_store` device) and `examples=` the pairs' token
+ids (`training_pairs`), for the per-pair attribution.
 
 TRL 1.x scores the policy with a fused LM head (`add_fused_lm_head`): the head module is never called,
 its weight is used inside a chunked log-prob kernel on the backbone's last hidden states. Two forward
@@ -50,6 +53,7 @@ from transformers import TrainerCallback
 from ..dynamics.exact import ParamSpec
 from ..dynamics.ghost import FunctionalHead, LogitTransform, in_backward
 from ..dynamics.inrun import InRunGeometry, InRunPairs
+from ..dynamics.scoring import EncodedProbe
 from ..errors import MarginscopeError
 
 logger = logging.getLogger("marginscope")
@@ -78,7 +82,7 @@ class _Step:
     """The hooks of one training micro-batch: an InRunGeometry over the trainable parameters plus the
     forward hooks that watch TRL's fused-head call."""
 
-    def __init__(self, trainer: InRunMixin, model: nn.Module, inputs: dict, on_error) -> None:
+    def __init__(self, trainer: InRunMixin, model: nn.Module, inputs: dict, on_error, listeners: list) -> None:
         unwrapped = trainer.accelerator.unwrap_model(model)
         get_base = getattr(unwrapped, "get_base_model", None)
         inner = get_base() if callable(get_base) and getattr(unwrapped, "peft_config", None) else unwrapped
@@ -93,7 +97,13 @@ class _Step:
                                         settings.get("final_logit_softcapping"),
                                         float(settings.get("temperature", 1.0)))
         self.head = inner.get_output_embeddings()
-        self.geo = InRunGeometry(unwrapped, n_pairs=self.n_pairs, params=trainer.inrun_params, on_error=on_error)
+        wanting = [cb for cb in listeners if callable(getattr(cb, "wants_pair_gradients", None))
+                   and cb.wants_pair_gradients(self.n_pairs)]
+        self.pair_gradients = bool(wanting)
+        self.examples = training_pairs(inputs) if self.pair_gradients else None
+        self.geo = InRunGeometry(unwrapped, n_pairs=self.n_pairs, params=trainer.inrun_params, on_error=on_error,
+                                 pair_gradients=self.pair_gradients,
+                                 store=getattr(wanting[0], "pair_gradient_store", None) if wanting else None)
         scope = {id(p) for p in self.geo.scope.params}
         self.head_in_scope = any(isinstance(p, nn.Parameter) and id(p) in scope
                                  for p in (getattr(self.head, "weight", None), getattr(self.head, "bias", None)))
@@ -169,6 +179,17 @@ class _Step:
         self.hidden = None
 
 
+def training_pairs(inputs: dict) -> list[EncodedProbe]:
+    """The token ids of a TRL 1.x DPO batch's pairs (rows [chosen; rejected], `completion_mask` marking
+    the completions, `attention_mask` the real tokens): one `EncodedProbe` per pair, id ""."""
+    ids, attention = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool()
+    completion = inputs["completion_mask"].cpu().bool()
+    n = ids.shape[0] // 2
+    part = lambda row, mask: tuple(int(t) for t in ids[row][mask[row]])  # noqa: E731
+    prompt = attention & ~completion
+    return [EncodedProbe("", part(j, prompt), (part(j, completion), part(n + j, completion))) for j in range(n)]
+
+
 @dataclass(frozen=True)
 class InRunRecord:
     """One delivery: the optimizer step, the pairs' geometry and the policy's sequence log-probs [P]."""
@@ -201,7 +222,7 @@ class InRunMixin:
         listeners = [] if self._inrun_disabled else self._inrun_listeners()
         if not listeners:
             return super().training_step(model, inputs, *args, **kwargs)
-        step = self._inrun_open(model, inputs)
+        step = self._inrun_open(model, inputs, listeners)
         try:
             loss = super().training_step(model, inputs, *args, **kwargs)
         finally:
@@ -210,9 +231,20 @@ class InRunMixin:
         if step is not None:
             delivery = self._inrun_result(step)
             if delivery is not None:
-                for callback in listeners:
-                    callback.on_inrun_pairs(*delivery)
+                self._deliver(listeners, delivery, step.examples)
         return loss
+
+    @staticmethod
+    def _deliver(listeners: list, delivery: tuple, examples) -> None:
+        """The pairs' gradients (and ids) go to the callbacks that asked for them (`wants_pair_gradients`),
+        the geometry alone to the others."""
+        at, pairs, logp_w, logp_l = delivery
+        for callback in listeners:
+            if callable(getattr(callback, "wants_pair_gradients", None)):
+                callback.on_inrun_pairs(at, pairs, logp_w, logp_l, examples=examples)
+            else:
+                callback.on_inrun_pairs(at, pairs.without_gradients() if pairs.gradients is not None else pairs,
+                                        logp_w, logp_l)
 
     def _inrun_listeners(self) -> list:
         handler = getattr(self, "callback_handler", None)
@@ -235,12 +267,12 @@ class InRunMixin:
             return "DeepSpeed ZeRO-3 shards the parameters"
         return None
 
-    def _inrun_open(self, model: nn.Module, inputs: dict) -> _Step | None:
+    def _inrun_open(self, model: nn.Module, inputs: dict, listeners: list) -> _Step | None:
         try:
             refusal = self._inrun_refusal()
             if refusal is not None:
                 raise MarginscopeError(refusal)
-            return _Step(self, model, inputs, self._inrun_fail)
+            return _Step(self, model, inputs, self._inrun_fail, listeners)
         except Exception as err:
             self._inrun_fail(err)
             return None
