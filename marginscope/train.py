@@ -681,7 +681,7 @@ class _Loop:
         batch = [self.encoded[i] for i in batch_pairs]
         ref, lengths = self.ref_logp[batch_pairs], self.lengths[batch_pairs]
         watching = tracker is not None and self.config.in_run and bool(pairs)
-        with tracker.in_run(n_pairs=n) if watching else contextlib.nullcontext() as geo:
+        with tracker.in_run(n_pairs=n, examples=batch) if watching else contextlib.nullcontext() as geo:
             logps, _ = score_pairs(self.forward, batch, pad_id=self.pad_id)
             if geo is not None:
                 geo.watch(logps)

@@ -94,6 +94,19 @@ def test_two_gloo_processes_write_the_same_trace_as_one(tmp_path):
         for step in (1, 2, 3, 4):
             np.testing.assert_allclose(np.sort(b["inner"][b["step"] == step]), np.sort(a["inner"][a["step"] == step]),
                                        rtol=1e-8)
+        # per-pair attribution: each pair's share is the same whichever process trained on it; κ = 1/W
+        # undoes DDP's gradient average; the shares add up to the gradient part on both
+        for step in (2, 4):
+            sa, sb = a["step"] == step, b["step"] == step
+            order = {pid: k for k, pid in enumerate(b["pair_id"][sb])}
+            assert sorted(order) == sorted(a["pair_id"][sa]) == ["a", "b", "c", "d"]
+            effect_b = b["probe_effect"][sb][[order[pid] for pid in a["pair_id"][sa]]]
+            np.testing.assert_allclose(effect_b, a["probe_effect"][sa], rtol=1e-9, atol=1e-13)
+            np.testing.assert_allclose(a["effect_scale"][sa], 1.0, rtol=1e-12)
+            np.testing.assert_allclose(b["effect_scale"][sb], 0.5, rtol=1e-12)
+            s = list(one.steps).index(step)
+            np.testing.assert_allclose(effect_b.sum(0), two.step_parts["gradient"][s], rtol=1e-9, atol=1e-13)
+        assert np.isnan(b["probe_effect"][np.isin(b["step"], [1, 3])]).all()
 
 
 @pytest.mark.parametrize("nproc", [2])

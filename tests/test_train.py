@@ -80,6 +80,15 @@ def test_dpo_run_lowers_the_loss_and_raises_the_margin(tmp_path, probes):
         np.testing.assert_allclose(inrun["logp_w"][:4], before[first, 0], rtol=1e-5)
         np.testing.assert_allclose(inrun["logp_l"][:4], before[first, 1], rtol=1e-5)
         assert np.isfinite(inrun["inner"]).all() and set(inrun["case"]) <= {1, 2, 3, 4}
+        # the step before each record is attributed to its pairs, named by their ids (float32 model)
+        for s, step in enumerate(tr.steps[1:], start=1):
+            sel = inrun["step"] == step
+            assert inrun["pair_id"][sel].tolist() == [PAIRS.ids[i] for i in order.pairs(int(step))]
+            effect = inrun["probe_effect"][sel]
+            assert np.isfinite(effect).all() and (inrun["effect_scale"][sel] == inrun["effect_scale"][sel][0]).all()
+            np.testing.assert_allclose(effect.sum(0), tr.step_parts["gradient"][s], rtol=2e-4,
+                                       atol=1e-6 * np.abs(effect).max())
+        assert np.isnan(inrun["probe_effect"][inrun["step"] % 4 != 0]).all()
 
 
 @pytest.mark.parametrize("name", ms.losses.names())

@@ -65,7 +65,7 @@ def main() -> None:
                          optimizer=opt)
     model.train()
     for step in range(opts.resume_from + 1, opts.steps + 1):
-        with tracker.in_run(n_pairs=n) as geo:
+        with tracker.in_run(n_pairs=n, examples=mine) as geo:
             logps, _ = score_pairs(trained, mine)
             geo.watch(logps)
             loss(logps[:n], logps[n:], ref[:n], ref[n:], lengths[:, 0], lengths[:, 1]).mean().backward()
