@@ -23,10 +23,11 @@ from . import plots
 from .errors import MarginscopeError
 from .plots._data import Traces, as_list, load_tokenizer_like, opened_all, run_label
 from .trace.schema import Trace
-from .trace.summary import TraceSummary, agreement_tables, summarize
+from .trace.summary import TraceSummary, agreement_tables, displacers, summarize
 
 REPORT_DPI = 110
 _MAX_ROWS = 12
+_MAX_DISPLACERS = 8
 
 # How to read each figure (docs/figures.md has the long form).
 CAPTIONS = {
@@ -60,12 +61,16 @@ CAPTIONS = {
                     "that differ; corner: the sums before, at and after them.",
     "compare_runs": "The runs on shared axes: mean log-probs, gradient cosine, Case 1 / Case 2 shares and the "
                     "margin change.",
+    "displacers": "Each training pair at (its effect on chosen, its effect on rejected), summed over the probes "
+                  "and the steps before records: the first order of its share of the optimizer's gradient part. "
+                  "Colour: the pair's own gradient cosine; named: the three that pulled chosen down most.",
 }
 TITLES = {"case_map": "Case map", "case_fractions": "Case fractions", "logp_trajectories": "Log-prob trajectories",
           "gradient_geometry": "Gradient geometry", "token_heatmap": "Per-token heatmap",
           "token_heatmap_steps": "Per-token heatmaps over steps", "mass_shift": "Mass shift",
           "first_order": "First-order validity", "why_moved": "Why did it move",
-          "token_update": "Per-position update", "compare_runs": "Comparison of runs"}
+          "token_update": "Per-position update", "compare_runs": "Comparison of runs",
+          "displacers": "Who pushed it"}
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#222;background:#fafafa}
@@ -148,12 +153,27 @@ def _agreement_section(summary: TraceSummary) -> str:
     return "\n".join(parts)
 
 
+def _displacers_section(tr: Trace, probe: str | None) -> str:
+    """The training pairs that pushed the chosen responses down the most (`marginscope inspect --displacers`)."""
+    rows = displacers(tr, probe=probe, n=_MAX_DISPLACERS)
+    if not rows:
+        return ""
+    header = ["pair", "prompt", "chosen", "rejected", "on chosen", "on rejected", "share", "own cos", "own Case"]
+    body = [[r.pair_id or "—", r.prompt, r.chosen, r.rejected, r.effect, r.effect_other, f"{r.share:.1%}",
+             r.cosine, r.case] for r in rows]
+    where = f"probe {probe}" if probe else "every probe's chosen response, summed"
+    return ("<h3>Who pushed it: the training pairs that pulled chosen down the most</h3>" + _table(header, body, left=4)
+            + f'<p class="muted">First-order effect (nats) of each pair\'s share of the optimizer\'s gradient part on '
+              f"the steps before records, on {_e(where)}; share = of the pairs' total absolute push on that response.</p>")
+
+
 def _run_section(anchor: str, tr: Trace, label: str, summary: TraceSummary, options: dict[str, Any]) -> str:
     meta_rows = [[k, v] for k, v in sorted(summary.metadata.items())]
     parts = [f'<section id="{_e(anchor)}"><h2>{_e(label)}</h2>',
              f'<p class="muted">{_e(tr.path)}</p>',
              f"<details open><summary>Run metadata</summary>{_table(['key', 'value'], meta_rows, left=2)}</details>",
-             "<h3>Records</h3>", _records_table(summary), _agreement_section(summary), "<h3>Figures</h3>"]
+             "<h3>Records</h3>", _records_table(summary), _agreement_section(summary),
+             _displacers_section(tr, options.get("probe")), "<h3>Figures</h3>"]
     parts += [_figure(f"{anchor}-{name}", name, fig) for name, fig in plots.run_figures(tr, **options)]
     parts.append("</section>")
     return "\n".join(parts)

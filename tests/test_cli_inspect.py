@@ -121,3 +121,36 @@ def test_inspect_rejects_what_is_not_a_trace(tmp_path):
     (tmp_path / "text.h5").write_text("hello")
     text = runner.invoke(app, ["inspect", str(tmp_path / "text.h5")])
     assert text.exit_code == 2 and "text.h5" in text.output
+
+
+def test_displacers_table_and_its_mistakes(tmp_path):
+    """`inspect --displacers`: the training pairs most negative on chosen, summed per pair over the attributed
+    steps, equal to the trace's own probe_effect; one-line errors for an unknown step, probe or response,
+    and for a trace without attribution."""
+    path = make_trace(tmp_path / "run.h5")
+    with ms.trace.open(path) as tr:
+        rows = tr.inrun()
+        table = ms.trace.summary.displacers(tr, n=100)
+        one = ms.trace.summary.displacers(tr, probe="q1", response="rejected", step=4, n=2)
+    attributed = np.isfinite(rows["probe_effect"][:, 0, 0])
+    for d in table:
+        mine = attributed & (rows["pair_id"] == d.pair_id)
+        np.testing.assert_allclose(d.effect, rows["probe_effect"][mine][:, :, 0].sum(), rtol=1e-12)
+        np.testing.assert_allclose(d.effect_other, rows["probe_effect"][mine][:, :, 1].sum(), rtol=1e-12)
+        assert d.steps == tuple(sorted(rows["step"][mine]))
+    assert [d.effect for d in table] == sorted(d.effect for d in table) and len(table) == 5
+    np.testing.assert_allclose(sum(abs(d.share) for d in table), 1.0)
+    at4 = (rows["step"] == 4) & attributed
+    assert [d.effect for d in one] == sorted(rows["probe_effect"][at4][:, 1, 1])[:2]
+    result = runner.invoke(app, ["inspect", str(path), "--displacers", "--top", "3"])
+    assert result.exit_code == 0, result.output
+    assert "pushed chosen down the most" in result.output and table[0].pair_id in result.output
+    as_json = runner.invoke(app, ["inspect", str(path), "--displacers", "--json", "--top", "2"])
+    assert [d["pair_id"] for d in json.loads(as_json.output)] == [d.pair_id for d in table[:2]]
+    for args, needle in ((["--step", "3"], "no attributed training step 3 (attributed steps: 2, 4, 6)"),
+                         (["--probe", "nope"], "no probe 'nope'"), (["--response", "top"], "is not chosen or rejected")):
+        result = runner.invoke(app, ["inspect", str(path), "--displacers", *args])
+        assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output
+    bare = make_trace(tmp_path / "bare.h5", update=False)
+    result = runner.invoke(app, ["inspect", str(bare), "--displacers"])
+    assert result.exit_code == 2 and "holds no per-pair attribution" in result.output

@@ -91,6 +91,10 @@ def test_every_figure_for_edge_traces(edge, tmp_path):
         assert "no 'top' response" in text["mass_shift"]
     if edge == "nan":
         assert "undefined (NaN or zero norm)" in text["case_map"]
+    attributed = EDGE_CASES[edge].get("inrun") is not False and EDGE_CASES[edge].get("update") is not False \
+        and EDGE_CASES[edge].get("steps") != (0,)
+    assert ("no per-pair attribution" in text["displacers"]) is not attributed
+    assert ("pulled chosen down" in text["displacers"]) is attributed
     if edge == "no_update":  # as a version-2 trace reads: the self view only
         assert text["first_order"].count("actual-update first order not recorded") == 3
         assert "η̂ = " in text["first_order"] and "slope = " not in text["first_order"]

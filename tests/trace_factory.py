@@ -113,7 +113,7 @@ def make_trace(path: str | Path, *, loss: str = "dpo", n_probes: int = 4, steps:
     path = write_trace(path, probes=probes, encoded=encoded, names=list(names), metadata=metadata, records=records,
                        ref_logp=ref, top_k=top_k)
     if inrun and len(steps):
-        _append_inrun(path, probes, list(names), loss_fn, int(steps[-1]), top_k, rng)
+        _append_inrun(path, probes, list(names), loss_fn, [int(x) for x in steps], top_k, rng, attributed=update)
     return Path(path)
 
 
@@ -140,19 +140,26 @@ def _update_views(rng: np.random.Generator, observed: np.ndarray, lengths: np.nd
             "case_observed": ms.dynamics.classify_delta(observed), "case_actual": ms.dynamics.classify_delta(actual)}
 
 
-def _append_inrun(path: Path, probes, names: list[str], loss_fn, last_step: int, top_k: int,
-                  rng: np.random.Generator) -> None:
-    """Three training pairs per step 1..last_step, appended to the trace."""
-    with ms.trace.TraceWriter.resume(path, probes=probes, names=names, step=last_step, top_k=top_k) as w:
-        for step in range(1, last_step + 1):
+def _append_inrun(path: Path, probes, names: list[str], loss_fn, steps: list[int], top_k: int,
+                  rng: np.random.Generator, attributed: bool) -> None:
+    """Three training pairs per step 1..last record, appended to the trace; with `attributed`, the steps of
+    the records carry each pair's probe_effect (a pair t0–t4 recurs across steps) and its texts."""
+    with ms.trace.TraceWriter.resume(path, probes=probes, names=names, step=steps[-1], top_k=top_k) as w:
+        for step in range(1, steps[-1] + 1):
             a_w, a_l = rng.normal(size=(3, 6)), rng.normal(size=(3, 6))
             a_l += (0.2 + 0.1 * step) * a_w
             inner, sq_w, sq_l = (a_w * a_l).sum(1), (a_w ** 2).sum(1), (a_l ** 2).sum(1)
             lw, ll = -rng.uniform(2, 6, 3), -rng.uniform(2, 6, 3)
             d_w, d_l = ms.dynamics.coefficients(loss_fn, lw, ll, lw + 0.1, ll - 0.1, np.full(3, 3.0), np.full(3, 3.0))
             gram = np.stack([np.stack([sq_w, inner], 1), np.stack([inner, sq_l], 1)], 1)
+            extra = {}
+            if attributed and step in steps:
+                ids = [f"t{(step + j) % 5}" for j in range(3)]
+                extra = dict(probe_effect=rng.normal(size=(3, len(probes), len(names))), effect_scale=np.ones(3),
+                             texts={"pair_id": ids, "prompt": [f"Training prompt {i}" for i in ids],
+                                    "chosen": [" good"] * 3, "rejected": [" bad"] * 3})
             w.append_inrun(step, inner=inner, sq_w=sq_w, sq_l=sq_l, scale_w=-d_w, scale_l=d_l,
-                           case=ms.dynamics.classify(gram, d_w, d_l), logp_w=lw, logp_l=ll)
+                           case=ms.dynamics.classify(gram, d_w, d_l), logp_w=lw, logp_l=ll, **extra)
 
 
 EDGE_CASES = {

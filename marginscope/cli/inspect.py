@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from ..trace import open_trace, summarize
-from ..trace.summary import TraceSummary, agreement_tables
+from ..errors import MarginscopeError
+from ..trace.summary import Displacer, TraceSummary, agreement_tables, displacers
 from .common import out, user_errors
 
 
@@ -19,6 +20,12 @@ def inspect_command(
     trace: Path = typer.Argument(..., help="Trace file (.h5) written by measure, train or the tracker."),
     rows: int = typer.Option(12, "--rows", min=2, help="Records shown (evenly spaced, first and last included)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
+    displacers_: bool = typer.Option(False, "--displacers", help="Show the training pairs that pushed the probes' "
+                                     "chosen (or --response) log-probs down the most, from the per-pair attribution."),
+    probe: str = typer.Option(None, "--probe", help="With --displacers: one probe's response instead of every probe's summed."),
+    response: str = typer.Option("chosen", "--response", help="With --displacers: chosen or rejected."),
+    step: int = typer.Option(None, "--step", help="With --displacers: one attributed training step (default: all, summed)."),
+    top: int = typer.Option(10, "--top", min=1, help="With --displacers: how many training pairs."),
 ) -> None:
     """Summarize a trace: the run, its records, the agreement of the views, the in-run pairs and the trends.
 
@@ -27,10 +34,22 @@ def inspect_command(
     (r, slope, sign agreement per response), the Case shares of the three views and how often their
     Cases agree; then the in-run totals and the first → last change of every response.
 
+    With --displacers: the training pairs whose share of the optimizer's gradient part moved the
+    probes' chosen responses (or --response rejected) down the most, one probe's (--probe) or all
+    probes' together, with their effect on the other response, their share of the total and their
+    own gradient cosine and Case.
+
     Example:
 
         marginscope inspect marginscope-demo/run.h5
+        marginscope inspect marginscope-demo/long/run.h5 --displacers --top 5
     """
+    if displacers_:
+        with open_trace(trace) as tr:
+            rows = displacers(tr, probe=probe, response=response, step=step, n=top)
+            label = f"probe {probe}" if probe else "all probes"
+        _print_displacers(rows, response, label, as_json)
+        return
     with open_trace(trace) as tr:
         summary = summarize(tr)
     if as_json:
@@ -52,6 +71,26 @@ def inspect_command(
                   f"{inrun['inrun_cosine_mean']:+.3f}, {fractions}")
     if summary.trend:
         out.print("first → last mean Δlog π: " + "  ".join(f"{k} {v:+.3f}" for k, v in summary.trend.items()))
+
+
+def _print_displacers(rows: list[Displacer], response: str, label: str, as_json: bool) -> None:
+    if not rows:
+        raise MarginscopeError("the trace holds no per-pair attribution (it needs the optimizer, in-run pairs and "
+                               "attribution on; see docs/tracking.md)")
+    if as_json:
+        out.print_json(json.dumps([row.__dict__ for row in rows], default=float))
+        return
+    other = "rejected" if response == "chosen" else "chosen"
+    table = Table(title=f"training pairs that pushed {response} down the most ({label}; nats, first order of "
+                        "the gradient part)")
+    for column in ("pair", "prompt", "chosen", "rejected", f"on {response}", f"on {other}", "share",
+                   "own cos", "own Case", "steps"):
+        table.add_column(column, justify="left" if column in ("pair", "prompt", "chosen", "rejected") else "right",
+                         overflow="fold", max_width=28 if column in ("prompt", "chosen", "rejected") else None)
+    for r in rows:
+        table.add_row(r.pair_id or "—", r.prompt, r.chosen, r.rejected, f"{r.effect:+.4g}", f"{r.effect_other:+.4g}",
+                      f"{r.share:.1%}", f"{r.cosine:+.3f}", str(r.case), ",".join(map(str, r.steps)))
+    out.print(table)
 
 
 def _run_table(summary: TraceSummary) -> Table:

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from ..errors import MarginscopeError
 from ._data import TraceLike, Traces, as_list, load_tokenizer_like, opened, opened_all
 from ._style import DPI, theme_rc
+from .attribution import displacers
 from .cases import case_fractions, case_map
 from .compare import compare_runs
 from .mass import mass_shift
@@ -39,7 +40,7 @@ FIGURES: dict[str, Callable[..., Figure]] = {
     "case_map": case_map, "case_fractions": case_fractions, "logp_trajectories": logp_trajectories,
     "gradient_geometry": gradient_geometry, "token_heatmap": token_heatmap,
     "token_heatmap_steps": token_heatmap_steps, "mass_shift": mass_shift, "first_order": first_order,
-    "why_moved": why_moved, "token_update": token_update,
+    "why_moved": why_moved, "token_update": token_update, "displacers": displacers,
 }
 # Figures of several runs together.
 COMPARISONS: dict[str, Callable[..., Figure]] = {"case_map": case_map, "compare_runs": compare_runs}
@@ -136,4 +137,5 @@ def save_all(traces: Traces, out_dir: str | os.PathLike, *, formats: Sequence[st
 
 __all__ = ["COMPARISONS", "FIGURES", "FORMATS", "case_fractions", "case_map", "compare_runs", "comparison_figures",
            "figure_bytes", "first_order", "gradient_geometry", "logp_trajectories", "mass_shift", "run_figures", "run_keys",
-           "save_all", "save_figure", "token_heatmap", "token_heatmap_steps", "token_update", "why_moved"]
+           "save_all", "save_figure", "token_heatmap", "token_heatmap_steps", "token_update", "why_moved",
+           "displacers"]

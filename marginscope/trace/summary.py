@@ -142,3 +142,73 @@ def summarize(trace: Trace) -> TraceSummary:
                  **inrun_summary(cosine, rows["case"])}
     return TraceSummary(str(trace.path), trace.metadata, names, len(trace.probe_ids), trace.top_k,
                         records, inrun, trend, agreement(intervals(trace), names))
+
+
+@dataclass(frozen=True)
+class Displacer:
+    """One training pair's share of the attributed steps' gradient part on the probes (nats, summed
+    over the steps it was attributed at): `effect` on the response asked for (one probe's, or every
+    probe's summed), `effect_other` on the other of chosen/rejected, `share` = effect / Σ_pairs |effect|
+    (signed; the shares' absolute values add up to 1 over all pairs); `cosine` and `case` of the pair itself at its last
+    attributed step; `steps` the steps it was attributed at."""
+
+    pair_id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    effect: float
+    effect_other: float
+    share: float
+    cosine: float
+    case: int
+    steps: tuple[int, ...]
+
+
+def displacers(trace: Trace, *, probe: str | None = None, response: str = "chosen", step: int | None = None,
+               n: int = 10) -> list[Displacer]:
+    """The training pairs that pushed `response` down the most (DESIGN.md §2b, "Who pushed it"), most
+    negative effect first: each pair's `probe_effect` on probe `probe` (None: on every probe's
+    `response`, summed), over the attributed step `step` (None: every attributed step, a pair seen at
+    several summed). A pair is identified by its id, else by its texts. Empty when the trace holds no
+    attribution. Raises MarginscopeError for an unknown probe, response or step."""
+    from ..errors import MarginscopeError
+
+    names = trace.names
+    if response not in names or response not in ("chosen", "rejected"):
+        raise MarginscopeError(f"{trace.path}: response {response!r} is not chosen or rejected")
+    rows = trace.inrun()
+    attributed = np.isfinite(rows["probe_effect"]).all(axis=(1, 2)) if len(rows["step"]) else np.zeros(0, bool)
+    if step is not None:
+        if not (attributed & (rows["step"] == step)).any():
+            known = sorted(set(rows["step"][attributed].tolist()))
+            raise MarginscopeError(f"{trace.path}: no attributed training step {step} (attributed steps: "
+                                   f"{', '.join(map(str, known)) or 'none'})")
+        attributed &= rows["step"] == step
+    if not attributed.any():
+        return []
+    ids = trace.probe_ids
+    if probe is not None and probe not in ids:
+        raise MarginscopeError(f"{trace.path}: no probe {probe!r}")
+    picked = slice(None) if probe is None else slice(ids.index(probe), ids.index(probe) + 1)
+    w, l = names.index(response), names.index("rejected" if response == "chosen" else "chosen")
+    effect = rows["probe_effect"][attributed][:, picked]
+    mine, other = effect[:, :, w].sum(1), effect[:, :, l].sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = rows["inner"][attributed] / np.sqrt(rows["sq_w"][attributed] * rows["sq_l"][attributed])
+    groups: dict[tuple, list[int]] = {}
+    text = {k: rows[k][attributed] for k in ("pair_id", "prompt", "chosen", "rejected")}
+    for k in range(len(mine)):
+        key = (text["pair_id"][k],) if text["pair_id"][k] else (
+            "", text["prompt"][k], text["chosen"][k], text["rejected"][k])
+        groups.setdefault(key, []).append(k)
+    steps = rows["step"][attributed]
+    total = sum(abs(float(mine[members].sum())) for members in groups.values())
+    out = []
+    for members in groups.values():
+        last = members[int(np.argmax(steps[members]))]
+        e = float(mine[members].sum())
+        out.append(Displacer(str(text["pair_id"][last]), str(text["prompt"][last]), str(text["chosen"][last]),
+                             str(text["rejected"][last]), e, float(other[members].sum()),
+                             e / total if total else float("nan"), float(cosine[last]),
+                             int(rows["case"][attributed][last]), tuple(sorted(int(s) for s in steps[members]))))
+    return sorted(out, key=lambda d: d.effect)[:n]
