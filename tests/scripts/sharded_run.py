@@ -1,0 +1,140 @@
+"""A plain DPO loop on a tiny model with a Tracker, one process or FSDP2-sharded, for tests/test_sharded.py.
+
+    python sharded_run.py --out one.h5 --model llama                       # one process
+    python -m torch.distributed.run --nproc_per_node 2 sharded_run.py --out two.h5 --model llama --fsdp
+
+With --fsdp every decoder block and the root are sharded with `fully_shard` (gloo, CPU); each rank
+trains on its half of the pairs (the gradient is the same mean as one process's over all pairs). The
+tracker records every probe with the optimizer's step split and in-run rows. --ac turns on
+(non-reentrant) activation checkpointing, --mp a mixed-precision policy (float32 parameters for the
+float64 master weights), --offload FSDP2's CPU offload; --no-tracker trains alone; --fail-rank R makes
+the geometry measurement raise on rank R from its --fail-at-th call on. --params-out saves the final
+parameters (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+import marginscope as ms
+import marginscope.tracker
+from marginscope.demo.tiny import build_model, build_tokenizer
+from marginscope.dynamics.inrun import score_pairs
+from marginscope.integrations.fsdp import full
+
+PROBES = [
+    {"id": "a", "prompt": "The movie was wonderful. The sentiment is", "chosen": " positive.", "rejected": " negative."},
+    {"id": "b", "prompt": "Bad", "chosen": " no", "rejected": " yes it is fine"},
+    {"id": "c", "prompt": "This phone failed every expectation. The sentiment is", "chosen": " negative.",
+     "rejected": " positive, and a good one."},
+    {"id": "d", "prompt": "The food was", "chosen": " great", "rejected": " cold and bland"},
+    {"id": "e", "prompt": "Service", "chosen": " quick and kind", "rejected": " slow"},
+]
+
+
+def shard(model, opts) -> None:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if opts.mp:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float64)
+    if opts.offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    blocks = model.model.layers if opts.model == "llama" else model.transformer.h
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+class _Failing:
+    """`measure` that raises from its `at`-th call on."""
+
+    def __init__(self, at: int) -> None:
+        self.calls, self.at, self.real = 0, at, marginscope.tracker.measure
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls >= self.at:
+            raise RuntimeError("injected failure")
+        return self.real(*args, **kwargs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", choices=("llama", "gpt2"), default="llama")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--every", type=int, default=1)
+    parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--ac", action="store_true")
+    parser.add_argument("--mp", action="store_true")
+    parser.add_argument("--offload", action="store_true")
+    parser.add_argument("--no-tracker", action="store_true")
+    parser.add_argument("--fail-rank", type=int, default=-1)
+    parser.add_argument("--fail-at", type=int, default=2)
+    parser.add_argument("--params-out")
+    opts = parser.parse_args()
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        torch.distributed.init_process_group("gloo")
+    rank, size = ms.integrations.distributed.world()
+    torch.set_num_threads(1)
+    if rank == opts.fail_rank:
+        marginscope.tracker.measure = _Failing(opts.fail_at)
+    tokenizer = build_tokenizer()
+    probes = ms.probes.ProbeSet.from_records(PROBES)
+    model = build_model(opts.model, tokenizer, dtype=torch.float64, seed=0)
+    if opts.ac:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if opts.fsdp:
+        shard(model, opts)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pairs = ms.dynamics.encode(tokenizer, probes)[:4]
+    share = len(pairs) // size
+    mine = pairs[rank * share:(rank + 1) * share]
+    loss = ms.losses.get("dpo", beta=0.5)
+    with torch.no_grad():
+        ref, _ = score_pairs(model.eval(), mine)
+    n = len(mine)
+    lengths = torch.tensor([[len(e.response_ids[0]), len(e.response_ids[1])] for e in mine], dtype=torch.float64)
+    tracker = None if opts.no_tracker else ms.Tracker(
+        model, tokenizer, probes, opts.out, loss=loss, every=opts.every, top_k=3, batch_size=2,
+        per_token="head", per_token_probes=["b"], optimizer=opt)
+    model.train()
+    for step in range(1, opts.steps + 1):
+        with tracker.in_run(n_pairs=n) if tracker is not None else _no_geometry() as geo:
+            logps, _ = score_pairs(model, mine)
+            geo.watch(logps)
+            loss(logps[:n], logps[n:], ref[:n], ref[n:], lengths[:, 0], lengths[:, 1]).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if tracker is not None:
+            tracker.step(step)
+    if tracker is not None:
+        tracker.close()
+    params = {name: full(p.detach()).clone() for name, p in model.named_parameters()}
+    if opts.params_out and rank == 0:
+        torch.save(params, Path(opts.params_out))
+    if distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+class _no_geometry:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    @staticmethod
+    def watch(logps):
+        return logps
+
+
+if __name__ == "__main__":
+    main()
