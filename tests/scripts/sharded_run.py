@@ -1,15 +1,14 @@
-"""A plain DPO loop on a tiny model with a Tracker, one process or FSDP2-sharded, for tests/test_sharded.py.
+"""Plain DPO loops on tiny float64 models with a Tracker, one process or FSDP2-sharded, for tests/test_sharded.py.
 
-    python sharded_run.py --out one.h5 --model llama                       # one process
-    python -m torch.distributed.run --nproc_per_node 2 sharded_run.py --out two.h5 --model llama --fsdp
+    python sharded_run.py --out one/ llama llama+ac gpt2                    # one process
+    python -m torch.distributed.run --nproc_per_node 2 sharded_run.py --out two/ llama llama+ac gpt2
 
-With --fsdp every decoder block and the root are sharded with `fully_shard` (gloo, CPU); each rank
-trains on its half of the pairs (the gradient is the same mean as one process's over all pairs). The
-tracker records every probe with the optimizer's step split and in-run rows. --ac turns on
-(non-reentrant) activation checkpointing, --mp a mixed-precision policy (float32 parameters for the
-float64 master weights), --offload FSDP2's CPU offload; --no-tracker trains alone; --fail-rank R makes
-the geometry measurement raise on rank R from its --fail-at-th call on. --params-out saves the final
-parameters (rank 0).
+Under torch.distributed every decoder block and the root are sharded with `fully_shard` (gloo, CPU);
+each rank trains on its half of the pairs (FSDP's gradient mean equals one process's over all pairs).
+The tracker records the 5 probes every step (3 chunks of 2: the ranks run different numbers of
+forwards) with the optimizer's step split and in-run rows. Options after the model: +ac
+(non-reentrant activation checkpointing), +mp (a mixed-precision policy: float32 compute for the
+float64 master weights), +notracker, +fail (see `run`).
 """
 
 from __future__ import annotations
@@ -37,13 +36,11 @@ PROBES = [
 
 
 def shard(model, opts) -> None:
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs = {}
     if opts.mp:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float64)
-    if opts.offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
     blocks = model.model.layers if opts.model == "llama" else model.transformer.h
     for block in blocks:
         fully_shard(block, **kwargs)
@@ -63,33 +60,30 @@ class _Failing:
         return self.real(*args, **kwargs)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--model", choices=("llama", "gpt2"), default="llama")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--every", type=int, default=1)
-    parser.add_argument("--fsdp", action="store_true")
-    parser.add_argument("--ac", action="store_true")
-    parser.add_argument("--mp", action="store_true")
-    parser.add_argument("--offload", action="store_true")
-    parser.add_argument("--no-tracker", action="store_true")
-    parser.add_argument("--fail-rank", type=int, default=-1)
-    parser.add_argument("--fail-at", type=int, default=2)
-    parser.add_argument("--params-out")
-    opts = parser.parse_args()
-    distributed = "WORLD_SIZE" in os.environ
-    if distributed:
-        torch.distributed.init_process_group("gloo")
-    rank, size = ms.integrations.distributed.world()
-    torch.set_num_threads(1)
-    if rank == opts.fail_rank:
-        marginscope.tracker.measure = _Failing(opts.fail_at)
+RUN_OPTIONS = ("ac", "mp", "notracker", "fail")
+
+
+def run(name: str, out: Path, rank: int, size: int) -> None:
+    """One training run, `name` = MODEL[+OPTION...] (OPTION in RUN_OPTIONS): trace out/NAME.h5, final
+    parameters out/NAME.pt (rank 0). +fail: the geometry measurement raises on rank 1 from its second
+    call on (on rank 0 in one process)."""
+    model_name, *flags = name.split("+")
+    opts = argparse.Namespace(model=model_name, fsdp=size > 1, **{f: f in flags for f in RUN_OPTIONS})
+    real = marginscope.tracker.measure
+    if opts.fail and rank == min(1, size - 1):
+        marginscope.tracker.measure = _Failing(2)
+    try:
+        train(opts, out / f"{name}.h5", out / f"{name}.pt", rank, size)
+    finally:
+        marginscope.tracker.measure = real
+
+
+def train(opts, trace: Path, params_out: Path, rank: int, size: int, steps: int = 3) -> None:
     tokenizer = build_tokenizer()
     probes = ms.probes.ProbeSet.from_records(PROBES)
     model = build_model(opts.model, tokenizer, dtype=torch.float64, seed=0)
     if opts.ac:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     if opts.fsdp:
         shard(model, opts)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -101,11 +95,11 @@ def main() -> None:
         ref, _ = score_pairs(model.eval(), mine)
     n = len(mine)
     lengths = torch.tensor([[len(e.response_ids[0]), len(e.response_ids[1])] for e in mine], dtype=torch.float64)
-    tracker = None if opts.no_tracker else ms.Tracker(
-        model, tokenizer, probes, opts.out, loss=loss, every=opts.every, top_k=3, batch_size=2,
+    tracker = None if opts.notracker else ms.Tracker(
+        model, tokenizer, probes, trace, loss=loss, every=1, top_k=3, batch_size=2,
         per_token="head", per_token_probes=["b"], optimizer=opt)
     model.train()
-    for step in range(1, opts.steps + 1):
+    for step in range(1, steps + 1):
         with tracker.in_run(n_pairs=n) if tracker is not None else _no_geometry() as geo:
             logps, _ = score_pairs(model, mine)
             geo.watch(logps)
@@ -117,8 +111,22 @@ def main() -> None:
     if tracker is not None:
         tracker.close()
     params = {name: full(p.detach()).clone() for name, p in model.named_parameters()}
-    if opts.params_out and rank == 0:
-        torch.save(params, Path(opts.params_out))
+    if rank == 0:
+        torch.save(params, params_out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True, help="folder for NAME.h5 and NAME.pt")
+    parser.add_argument("runs", nargs="+", help="MODEL[+OPTION...], MODEL llama or gpt2")
+    args = parser.parse_args()
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        torch.distributed.init_process_group("gloo")
+    rank, size = ms.integrations.distributed.world()
+    torch.set_num_threads(1)
+    for name in args.runs:
+        run(name, Path(args.out), rank, size)
     if distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
