@@ -127,3 +127,30 @@ def unsharded(model: nn.Module, names: list[str]) -> dict[str, Tensor]:
     """{name: the parameter as the model computes with it now} (inside `gathered`, the unsharded one)."""
     own = dict(model.named_parameters())
     return {n: own[n].detach() for n in names}
+
+
+def shard_model(model: nn.Module, **policy) -> nn.Module:
+    """Shard `model` with FSDP2 the usual way: `fully_shard` on every decoder block (the classes a
+    transformers model lists in `_no_split_modules`), then on the root; `policy` goes to each call
+    (`mp_policy`, `offload_policy`, `reshard_after_forward`, ...). Needs an initialized process group.
+    Returns the model, sharded in place. Raises MarginscopeError when no block class is found."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise MarginscopeError(f"{type(model).__name__}: no decoder block class (_no_split_modules) to shard")
+    for block in blocks:
+        fully_shard(block, **policy)
+    fully_shard(model, **policy)
+    return model
+
+
+@contextlib.contextmanager
+def no_gradient_sync(model: nn.Module) -> Iterator[None]:
+    """Gradient accumulation without FSDP2's reduce-scatter (DDP's `no_sync`) for the duration."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
