@@ -21,7 +21,11 @@ train/eval mode and grad mode are restored afterwards; an exception inside a mea
 and disables that measurement (geometry, per_token, top_k, in_run, trace), never training. Problems a
 user can fix (bad probe file, trace exists, options, a tokenizer or reference that does not fit the
 model's vocabulary) raise `MarginscopeError` at construction, before any training step. Under torch.distributed every rank calls the same methods; probes are split across
-ranks, results gathered, and rank 0 alone writes.
+ranks, results gathered, and rank 0 alone writes. A measurement that fails on one rank is disabled on
+every rank together (the ranks compare their failures at every `step()` and after each record's
+measurements; a record's values of a measurement that failed on some rank are dropped everywhere).
+FSDP2-sharded models (`fully_shard`) are measured unsharded (`integrations.fsdp.gathered`); FSDP1 and
+DeepSpeed ZeRO-3 are refused at construction.
 """
 
 from __future__ import annotations
@@ -53,7 +57,9 @@ from .dynamics.scoring import (EncodedProbe, model_max_length, score_rows, seque
 from .dynamics.summary import inrun_summary, record_summary, update_summary
 from .dynamics.update import directional_logp, trapezoid
 from .errors import MarginscopeError
-from .integrations.distributed import broadcast_from_main, gather_to_main, my_chunks, unwrap_model, world
+from .integrations.distributed import (agree_failures, broadcast_from_main, gather_to_main, my_chunks, unwrap_model,
+                                       world)
+from .integrations.fsdp import check_supported, full_values, gathered, is_sharded, sharded_scope, unsharded
 from .loading import config_hash
 from .probes import ProbeSet
 from .probes import load as load_probes
@@ -89,6 +95,14 @@ class _Guard:
 
     def __init__(self) -> None:
         self.disabled: dict[str, str] = {}
+
+    def agree(self) -> set[str]:
+        """Disable what another rank has disabled (collective); returns the names newly disabled here."""
+        missing = agree_failures(self.disabled)
+        for name, reason in missing.items():
+            self.disabled[name] = reason
+            log.error("marginscope: %s measurement failed on %s; disabled on every rank", name, reason)
+        return set(missing)
 
     def active(self, name: str) -> bool:
         return name not in self.disabled
@@ -197,6 +211,7 @@ class Tracker:
         check_options(engine=engine, per_token=per_token, batch_size=batch_size, padding_side=padding_side)
         check_convention(convention, max_length=max_length, truncation_mode=truncation_mode, add_eos=add_eos)
         self.model = unwrap_model(model)
+        check_supported(self.model)
         self.tokenizer, self.every, self.top_k = tokenizer, every, top_k
         self.loss = loss_zoo.get(loss) if isinstance(loss, str) else loss
         self.probes = probes if isinstance(probes, ProbeSet) else load_probes(probes)
@@ -206,7 +221,7 @@ class Tracker:
         self.convention = dict(convention=convention, max_length=max_length, truncation_mode=truncation_mode,
                                add_eos=add_eos)
         self.per_token = per_token
-        self.scope = select_parameters(self.model, params)
+        self.scope = sharded_scope(self.model, select_parameters(self.model, params))
         if encoded is None:
             self.encoded = encode_probes(tokenizer, self.probes, **self.convention,
                                          context_length=model_max_length(self.model))
@@ -252,6 +267,8 @@ class Tracker:
         self._inrun = [replace(e, step=step) if e.step is None else e for e in self._inrun]
         if self._closed:
             return False
+        if "in_run" in self.guard.agree():  # its rows of this step exist on some ranks only
+            self._inrun = [e for e in self._inrun if e.step != step]
         recorded = not (step % self.every or step == self._last_step)
         if recorded:
             captured = self._capture.take(step) if self._capture is not None else None
@@ -281,6 +298,12 @@ class Tracker:
         (with attribution=None: the gradients fit ATTRIBUTION_AUTO_BYTES)."""
         if (self._attribution is False or self._capture is None or self._capture.unavailable is not None
                 or self._capture.armed is None or self._closed or not self.guard.active("attribution")):
+            return False
+        if is_sharded(self.model):  # per-pair gradients of sharded parameters: not built
+            if not self._attribution_skip_logged:
+                log.warning("marginscope: per-pair attribution is not available on FSDP-sharded models; the other "
+                            "measurements run")
+                self._attribution_skip_logged = True
             return False
         if self._attribution is None:
             size = sum(p.numel() * (8 if p.dtype == torch.float64 else 4) for p in self.scope.params)
@@ -353,10 +376,12 @@ class Tracker:
                                        "start_step > 0 to resume it")
             elif not self.path.parent.is_dir():
                 raise MarginscopeError(f"{self.path}: folder {self.path.parent} does not exist")
-            if self._ref_logp is None and (ref_model is not None or ref_context is not None):
-                ref = self.model if ref_model is None else unwrap_model(ref_model)
-                self._ref_dtype = next(ref.parameters()).dtype
-                with preserved_state(ref), (ref_context() if ref_context is not None else contextlib.nullcontext()):
+        if broadcast_from_main(self._ref_logp is None) and (ref_model is not None or ref_context is not None):
+            ref = self.model if ref_model is None else unwrap_model(ref_model)
+            self._ref_dtype = next(ref.parameters()).dtype
+            with gathered(ref), preserved_state(ref), \
+                    (ref_context() if ref_context is not None else contextlib.nullcontext()):
+                if self.rank == 0:  # the others only take part in unsharding a sharded reference
                     self._ref_logp = sequence_logp(
                         ref, self.encoded, batch_size=self.options["batch_size"],
                         padding_side=self.options["padding_side"], pad_id=self.pad_id).numpy()
@@ -411,14 +436,19 @@ class Tracker:
     # --- one record ------------------------------------------------------------------------------------
 
     def _record(self, step: int, captured: CapturedStep | None = None) -> None:
-        with preserved_state(self.model):
+        # a sharded model is measured unsharded: every rank enters, and no collective runs inside
+        # but the vectors' reassembly (`full_values`), which every rank does as the ranks agree
+        with preserved_state(self.model), gathered(self.model):
             mine = [i for chunk in my_chunks(len(self.encoded), self.options["batch_size"], self.rank,
                                               self.world_size) for i in chunk]
             part = self._measure_part(mine) if mine else {}
-            if mine and self.guard.active("update") and (self._snapshot is not None or captured is not None):
-                ok, views = self.guard.run("update", lambda: self._update_part(mine, captured))
-                part.update(views if ok else {})
+            if self.guard.active("update") and (self._snapshot is not None or captured is not None):
+                ok, whole = self.guard.run("update", lambda: self._full_views(captured))
+                if ok and mine:
+                    ok, views = self.guard.run("update", lambda: self._update_part(mine, *whole))
+                    part.update(views if ok else {})
             self._take_snapshot()
+        self._drop_failed(part, self.guard.agree())
         self._last_step = step
         parts = gather_to_main(part)
         if parts is None or self._closed:
@@ -469,28 +499,56 @@ class Tracker:
             for n, p in zip(self.scope.names, self.scope.params)})
         self._snapshot = snap if ok else None
 
-    def _update_part(self, indices: list[int], captured: CapturedStep | None) -> dict[str, np.ndarray]:
+    def _full_views(self, captured: CapturedStep | None
+                    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, CapturedStep | None]:
+        """(now, before, captured): the scope's parameters as the model computes with them, the previous
+        record's θ and the captured step as whole tensors like them: reassembled from shards on a
+        sharded model (collective: every rank calls it), else as kept."""
+        now = unsharded(self.model, list(self.scope.names))
+        before = full_values(self._snapshot, now)
+        if captured is not None:
+            parts = None if captured.parts is None else {k: full_values(v, now) for k, v in captured.parts.items()}
+            captured = CapturedStep(captured.step, full_values(captured.before, now), parts,
+                                    full_values(captured.coefficient, now))
+        return now, before, captured
+
+    def _drop_failed(self, part: dict[str, Any], failed: set[str]) -> None:
+        """Drop this record's values of the measurements another rank has just disabled (see `_Guard.agree`)."""
+        if not part:
+            return
+        if "geometry" in failed:
+            part["gram"] = np.full_like(part["gram"], np.nan)
+        if "per_token" in failed:
+            part["token_gram"] = {}
+        if "top_k" in failed:
+            part["topk_ids"][:] = -1
+            part["topk_prob"][:] = np.nan
+        if "update" in failed:
+            self._snapshot = None
+            for key in ("actual_token", "step", "step_parts"):
+                part.pop(key, None)
+
+    def _update_part(self, indices: list[int], now: dict[str, Tensor], before: dict[str, Tensor] | None,
+                     captured: CapturedStep | None) -> dict[str, np.ndarray]:
         """This rank's share of the actual-update views: "actual_token" [n, R, T] (trapezoid over the
         interval since the previous record), "step" [n, R] and "step_parts" [n, R, P] (the step before
-        this record), each present only when measurable. Vectors that are zero (no momentum yet, no
-        weight decay) are not differentiated along: their effect is 0."""
+        this record), each present only when measurable. now: the scope's parameters as the model
+        computes with them; before: θ at the previous record (None: not kept). Vectors that are zero (no
+        momentum yet, no weight decay) are not differentiated along: their effect is 0."""
         encoded = [self.encoded[i] for i in indices]
-        now = {n: p.detach() for n, p in zip(self.scope.names, self.scope.params)}
-        on = lambda values: {n: v.to(now[n].device) for n, v in values.items()}  # noqa: E731
         opts = dict(batch_size=self.options["batch_size"], padding_side=self.options["padding_side"],
                     pad_id=self.pad_id)
         vectors: dict[str, dict[str, Tensor]] = {}
-        before = on(self._snapshot) if self._snapshot is not None else None
         if before is not None:
             vectors["interval"] = {n: now[n] - before[n] for n in now}
         if captured is not None and captured.before is not None:
-            vectors["step"] = {n: now[n] - v for n, v in on(captured.before).items()}
+            vectors["step"] = {n: now[n] - v for n, v in captured.before.items()}
         elif captured is not None and before is not None:
             vectors["step"] = vectors["interval"]  # every = 1: the interval is the step
         else:
             captured = None  # the step's start was not kept: nothing to measure it against
         if captured is not None and captured.parts is not None:
-            vectors.update({name: on(captured.parts[name]) for name in STEP_PARTS
+            vectors.update({name: captured.parts[name] for name in STEP_PARTS
                             if any(bool(t.any()) for t in captured.parts[name].values())})
         distinct = list({id(v): v for v in vectors.values()}.values())
         if not distinct:

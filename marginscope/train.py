@@ -45,6 +45,7 @@ from .dynamics.measure import check_options
 from .dynamics.scoring import EncodedProbe, model_max_length, sequence_logp
 from .errors import MarginscopeError
 from .integrations.distributed import gather_to_main, world
+from .integrations.fsdp import no_gradient_sync, shard_model
 from .loading import DTYPES, load_model, load_tokenizer
 from .probes import ProbeSet
 from .probes import load as load_probes
@@ -77,6 +78,8 @@ class TrainConfig:
     device, dtype: for models loaded from directories (dtype "auto" keeps the saved dtype; device "auto":
     cuda when available, else cpu). convention, max_length, truncation_mode, add_eos: how pairs and
     probes become token ids (`marginscope.conventions`; default "trl", as TRL 1.x's DPOTrainer).
+    fsdp: shard the model with FSDP2 (`fully_shard` on each decoder block and the root) instead of DDP;
+    needs torchrun with 2 or more processes; checkpoints (out_dir, resume) are not written for it.
     """
 
     data: str | Path | ProbeSet
@@ -111,6 +114,7 @@ class TrainConfig:
     max_length: int | None = None
     truncation_mode: str = "keep_start"
     add_eos: bool = False
+    fsdp: bool = False
     progress: bool = False
 
     def validate(self) -> None:
@@ -140,6 +144,8 @@ class TrainConfig:
             raise MarginscopeError("probes and trace go together: give both to track the run, or neither")
         if self.per_token is not None and self.probes is None:
             raise MarginscopeError("per_token needs probes (and a trace): it is a per-probe measurement")
+        if self.fsdp and (self.out_dir is not None or self.resume is not None):
+            raise MarginscopeError("fsdp: sharded runs write no checkpoints yet; drop out_dir and resume")
         if self.out_dir is None and (self.checkpoint_every is not None or self.resume == "latest"):
             what = "checkpoint_every" if self.checkpoint_every is not None else "resume='latest'"
             raise MarginscopeError(f"{what} needs out_dir, the folder that holds the checkpoints")
@@ -265,7 +271,11 @@ def train(config: TrainConfig, *, model: PreTrainedModel | None = None,
     config = replace(config, device=resolve_device(config.device))
     with _process_group(config.device) as (rank, world_size):
         config = replace(config, device=_rank_device(config.device, world_size))
+        if config.fsdp and world_size < 2:
+            raise MarginscopeError("fsdp: launch with torchrun --nproc_per_node N, N ≥ 2 (one process has nothing to shard)")
         setup = _Setup.of(config, model, tokenizer, ref_model, world_size)
+        if config.fsdp:
+            shard_model(setup.model)
         _barrier()  # every process has checked its inputs before anything is written
         loop = setup.loop(config, rank)
         was_training = setup.model.training
@@ -605,7 +615,8 @@ def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> float:
 class _Loop:
     """The optimizer steps of one `train` call.
 
-    Under torch.distributed the model is wrapped in DistributedDataParallel and each process scores
+    Under torch.distributed the model is wrapped in DistributedDataParallel (or sharded with FSDP2, whose
+    reduce-scatter averages the gradient the same way, with `fsdp`) and each process scores
     its share of every round of micro-batches (`DataOrder.micro_batches`); each back-propagates
     world_size · Σᵢ ℓᵢ / n_step, which DDP's gradient average turns into the mean over the step's pairs.
     A process whose share of a short last round is empty back-propagates one pair with weight 0, so
@@ -623,7 +634,7 @@ class _Loop:
         self.rank, self.world_size = world()
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         device = self.params[0].device
-        self.forward = self.model if self.world_size == 1 else nn.parallel.DistributedDataParallel(
+        self.forward = self.model if self.world_size == 1 or config.fsdp else nn.parallel.DistributedDataParallel(
             self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.ref_logp = ref_logp.to(device=device, dtype=torch.float64)
         self.lengths = torch.tensor([[len(ids) for ids in e.response_ids] for e in self.encoded],
@@ -656,7 +667,8 @@ class _Loop:
         losses, margins = [], []
         for r, pairs in enumerate(rounds):
             sync = r == len(rounds) - 1 or self.world_size == 1
-            with contextlib.nullcontext() if sync else self.forward.no_sync():
+            with contextlib.nullcontext() if sync else (
+                    no_gradient_sync(self.model) if self.config.fsdp else self.forward.no_sync()):
                 loss, margin = self.micro_batch(pairs, n_step, tracker)
             losses.append(loss)
             margins.append(margin)

@@ -131,6 +131,7 @@ MISTAKES = {
     "trace folder missing": (lambda m, f, t: ["-o", str(t / "no" / "run.h5")], "does not exist"),
     "nothing to resume": (lambda m, f, t: ["--resume"], "no checkpoint-<step> folder to resume from"),
     "resume twice": (lambda m, f, t: ["--resume", "--resume-from", str(t)], "not both"),
+    "fsdp with checkpoints": (lambda m, f, t: ["--fsdp"], "fsdp: sharded runs write no checkpoints yet"),
 }
 
 
@@ -194,3 +195,37 @@ def test_two_gloo_processes_train_like_one_with_twice_the_batch(model_dir, tmp_p
         assert sorted(zip(rows["step"], rows["rank"])) == [(1, 0), (1, 0), (1, 1), (1, 1), (2, 0), (2, 0)]
         np.testing.assert_allclose(np.sort(rows["logp_w"][rows["step"] == 1]),
                                    np.sort(a.inrun()["logp_w"][a.inrun()["step"] == 1]), rtol=1e-5)
+
+
+def test_two_gloo_processes_with_fsdp_train_and_track_like_one(model_dir, tmp_path):
+    data = _write(tmp_path / "prefs.jsonl", [{"id": f"p{i}", "prompt": p["prompt"] + " " * (i // 3),
+                                              "chosen": p["chosen"], "rejected": p["rejected"]}
+                                             for i, p in enumerate(PAIRS * 2)])
+    probes = _write(tmp_path / "probes.jsonl", PROBES)
+
+    def args(tag: str, batch_size: int) -> list[str]:
+        return ["train", "--model", str(model_dir), "--data", str(data), "--probes", str(probes), "--every", "1",
+                "-o", str(tmp_path / f"{tag}.h5"), "--batch-size", str(batch_size), "--lr", "1e-3", "--epochs", "1"]
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+                sys.executable, "-c", "from marginscope.cli import main; main()"]
+    proc = subprocess.Popen([*torchrun, *args("two", 2), "--fsdp"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("final loss") == 1
+    assert runner.invoke(app, args("one", 4)).exit_code == 0
+    with ms.trace.open(tmp_path / "one.h5") as a, ms.trace.open(tmp_path / "two.h5") as b:
+        np.testing.assert_array_equal(b.steps, [0, 1, 2])  # the short last step: process 1 had no pair
+        for field in ("logp", "gram", "observed_delta", "actual_delta", "step_delta"):
+            np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-4, atol=1e-7, err_msg=field)
+        np.testing.assert_allclose(b.step_parts["gradient"], a.step_parts["gradient"], rtol=1e-4, atol=1e-7)
+        rows = b.inrun()
+        assert sorted(zip(rows["step"], rows["rank"])) == [(1, 0), (1, 0), (1, 1), (1, 1), (2, 0), (2, 0)]
+        for field in ("logp_w", "inner"):
+            np.testing.assert_allclose(np.sort(rows[field][rows["step"] == 1]),
+                                       np.sort(a.inrun()[field][a.inrun()["step"] == 1]), rtol=1e-4, err_msg=field)

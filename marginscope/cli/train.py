@@ -50,6 +50,7 @@ def train_command(
     truncation_mode: str = typer.Option("keep_start", "--truncation-mode", help=TRUNCATION_HELP),
     add_eos: bool = typer.Option(False, "--add-eos", help="Append EOS to every response (--convention separate)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing trace and earlier checkpoints in --out-dir."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Shard the model with FSDP2 (fully_shard per decoder block and root) instead of DDP; under torchrun, no --out-dir."),
 ) -> None:
     """Train on preference pairs with any loss of the zoo and record the probes' dynamics.
 
@@ -69,7 +70,7 @@ def train_command(
         warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, seed=seed, checkpoint_every=checkpoint_every,
         resume="latest" if resume else resume_from, overwrite=overwrite,
         device=device, dtype=dtype, convention=convention, max_length=max_length, truncation_mode=truncation_mode,
-        add_eos=add_eos, progress=True)
+        add_eos=add_eos, fsdp=fsdp, progress=True)
     result = train(config)
     if result.rank == 0:
         out.print(summary_table(result))

@@ -55,3 +55,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def agree_failures(disabled: dict[str, str]) -> dict[str, str]:
+    """The measurements some other rank has disabled and this one has not, {name: "rank k: reason"}
+    (every rank calls it; {} in one process). Ranks disable a failed measurement together with it, so
+    that no rank runs a measurement's collectives alone."""
+    rank, size = world()
+    if size == 1:
+        return {}
+    out: list[Any] = [None] * size
+    torch.distributed.all_gather_object(out, dict(disabled))
+    missing: dict[str, str] = {}
+    for other, theirs in enumerate(out):
+        for name, reason in theirs.items():
+            if name not in disabled and name not in missing:
+                missing[name] = f"rank {other}: {reason}"
+    return missing

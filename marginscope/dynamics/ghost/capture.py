@@ -109,6 +109,7 @@ class CallRecorder:
         self.calls: list[Recorded] = []
         self._top_row = top_row
         self._names = {id(p): n for n, p in zip(scope.names, scope.params)}
+        self._alias: dict[int, int] = {}  # a parameter substituted for a call (FSDP2) → the scope one
         self._sources: list[Tensor] = []  # hooked outputs whose inputs need no gradient
         self._spans: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self._starts: dict[nn.Module, int] = {}
@@ -166,12 +167,12 @@ class CallRecorder:
         every other leaf of the graph that requires one (e.g. HF's `enable_input_require_grads`).
         Each hooked output depends on one of them: its inputs come from earlier hooked outputs (all
         uses of scope parameters are inside hooked calls), from such leaves, or need no gradient."""
-        uses, leaves = _scan_graph(root, set(self._names))
+        uses, leaves = _scan_graph(root, set(self._names) | set(self._alias))
         for node, param in uses:
-            seq = node._sequence_nr()
-            if not any(lo <= seq < hi for lo, hi in self._spans[id(param)]):
+            seq, key = node._sequence_nr(), self._alias.get(id(param), id(param))
+            if not any(lo <= seq < hi for lo, hi in self._spans[key]):
                 raise MarginscopeError(
-                    f"{self._names[id(param)]} is used outside the modules the ghost engine hooks (e.g. "
+                    f"{self._names[key]} is used outside the modules the ghost engine hooks (e.g. "
                     f"directly in a functional op, by {node.name()}); use engine='exact'")
         return self._sources + leaves
 
@@ -199,8 +200,11 @@ class CallRecorder:
             self._check_batch(out.shape[0], module)
         call = Call(module, kind, params, _detached(args), _detached(kwargs))
         span = (self._starts.pop(module), sequence_mark())
-        for _, p in params:
+        for a, p in params:
             self._spans[id(p)].append(span)
+            current = module._parameters.get(a)
+            if current is not None and current is not p:  # FSDP2 registers its unsharded parameter
+                self._alias[id(current)] = id(p)
         if not any(isinstance(t, Tensor) and t.requires_grad for t in tree_leaves((args, kwargs))):
             self._sources.append(out)
         (self._record_broadcast if broadcast else self._record)(call, out, span)

@@ -14,9 +14,10 @@ ROWWISE_MAX_NUMEL = 1 << 16  # largest own-parameter count of a generic module m
 
 def _rowwise_factors(call: Call, grad: Tensor) -> dict[str, Factor]:
     """∇θ_r = vjp of θ ↦ module(θ; inputs_r) at D_r, vmapped over rows (tensors with a leading
-    batch dimension are split by row, anything else is shared)."""
+    batch dimension are split by row, anything else is shared). θ is read from the module when the
+    cotangent arrives: under FSDP2 the unsharded parameters it registers then, not the scope's shards."""
     module, b = call.module, grad.shape[0]
-    params = {a: p.detach() for a, p in call.params}
+    params = {a: getattr(module, a).detach() for a, _ in call.params}  # as the module holds them now
     flat, spec = tree_flatten((call.args, call.kwargs))
     dims = [0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b else None for t in flat]
 
