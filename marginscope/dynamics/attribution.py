@@ -32,37 +32,43 @@ from .ghost.factors import Dense, Factor, Outer, SoftmaxHead, _vocab_chunks, _wi
 from .ghost.kinds import Call
 
 
-def _rows_of(t: Tensor, rows: Tensor) -> Tensor:
-    """t's rows `rows`; a factor side of one row shared by every row of the batch stays that row."""
-    return t if t.shape[0] == 1 else t[rows]
+def _grouped(t: Tensor, rows: Tensor, batch: int) -> Tensor:
+    """t's rows for every group, [G, R, ...]; a side of one row shared by the whole batch is expanded."""
+    if t.shape[0] == 1 and batch > 1:
+        t = t.expand(batch, *t.shape[1:])
+    return t[rows]
 
 
-def group_gradient(u: Factor, rows: Tensor, shape: torch.Size) -> Tensor:
-    """Σ_{r ∈ rows} of a factor's per-row gradients, materialized in the parameter's `shape`.
+def group_gradients(u: Factor, rows: Tensor, shape: torch.Size) -> Tensor:
+    """Σ_{r ∈ rows[g]} of a factor's per-row gradients for every group g, materialized: [G, *shape].
 
-    u: an `Outer` (dense l: Σ_t l_t ⊗ m_t, restricted to `u.columns` when set; ids: the rows of m added
-    at their ids), a `Dense` [B, numel] or a `SoftmaxHead` (its [T, V] cotangent rebuilt in vocabulary
-    chunks). rows: int64 [R] row indices. Returns float32 at least (float64 for float64 factors), on
-    the factor's device."""
+    u: an `Outer` (dense l: Σ_t l_t ⊗ m_t, one batched matrix product over the groups, restricted to
+    `u.columns` when set; ids: the rows of m added at their ids), a `Dense` [B, numel] or a `SoftmaxHead`
+    (its [T, V] cotangent rebuilt in vocabulary chunks, group by group). rows: int64 [G, R] row indices
+    (groups of equal size). Returns float32 at least (float64 for float64 factors), on the factor's
+    device."""
+    g = rows.shape[0]
     if isinstance(u, Dense):
-        return u.g[rows].sum(0).view(shape)
+        return u.g[rows].sum(1).view(g, *shape)
     if isinstance(u, SoftmaxHead):
-        _, h, y, g, lz = u.tokens(rows)
-        out = torch.zeros(shape, dtype=h.dtype, device=h.device)
-        for lo, hi in _vocab_chunks(len(h), u.weight.shape[0]):
-            out[lo:hi] = u.block(h, y, g, lz, lo, hi).T @ h
+        out = torch.zeros((g, *shape), dtype=u.h.dtype, device=u.h.device)
+        for k, group in enumerate(rows):
+            _, h, y, gt, lz = u.tokens(group)
+            for lo, hi in _vocab_chunks(len(h), u.weight.shape[0]):
+                out[k, lo:hi] = u.block(h, y, gt, lz, lo, hi).T @ h
         return out
-    m = _wide(_rows_of(u.m, rows))
+    batch = max(u.l.shape[0], u.m.shape[0])
+    m = _wide(_grouped(u.m, rows, batch)).flatten(1, 2)  # [G, R·T, dim_m]
     if u.ids:
-        ids = _rows_of(u.l, rows).expand(m.shape[0], -1).reshape(-1)
-        out = torch.zeros(shape, dtype=m.dtype, device=m.device)
-        return out.index_add_(0, ids, m.reshape(-1, m.shape[-1]))
-    l = _wide(_rows_of(u.l, rows)).expand(m.shape[0], -1, -1)
-    g = l.flatten(0, 1).T @ m.expand(l.shape[0], -1, -1).flatten(0, 1)
+        vocab = shape[0]
+        ids = _grouped(u.l, rows, batch).flatten(1, 2) + vocab * torch.arange(g, device=m.device)[:, None]
+        out = torch.zeros((g * vocab, m.shape[-1]), dtype=m.dtype, device=m.device)
+        return out.index_add_(0, ids.reshape(-1), m.reshape(-1, m.shape[-1])).view(g, *shape)
+    grads = _wide(_grouped(u.l, rows, batch)).flatten(1, 2).mT @ m  # [G, dim_l, dim_m]
     if u.columns is None:
-        return g.view(shape)
-    out = torch.zeros(shape, dtype=g.dtype, device=g.device)
-    out[u.columns] = g
+        return grads.view(g, *shape)
+    out = torch.zeros((g, *shape), dtype=grads.dtype, device=grads.device)
+    out[:, u.columns] = grads
     return out
 
 
@@ -79,7 +85,9 @@ class PairGradientCollector(GhostCollector):
         super().__init__(model, scope, groups, materialize=materialize, on_error=on_error)
         self._names = {id(p): n for n, p in zip(scope.names, scope.params)}
         self._store = store
-        self._rows = [torch.as_tensor(g, dtype=torch.long) for g in self.groups]
+        if len({len(g) for g in self.groups}) > 1:
+            raise MarginscopeError("PairGradientCollector: every group needs the same number of rows")
+        self._rows = torch.as_tensor(self.groups, dtype=torch.long)
         self.gradients: dict[str, Tensor] = {
             n: torch.zeros((len(self.groups), *p.shape), device=store or p.device,
                            dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
@@ -88,9 +96,7 @@ class PairGradientCollector(GhostCollector):
     def _add(self, p: nn.Parameter, u: Factor, call: Call) -> None:
         super()._add(p, u, call)
         buffer = self.gradients[self._names[id(p)]]
-        for g, rows in enumerate(self._rows):
-            part = group_gradient(u, rows.to(_device(u)), p.shape)
-            buffer[g] += part.to(device=buffer.device, dtype=buffer.dtype)
+        buffer += group_gradients(u, self._rows.to(_device(u)), p.shape).to(device=buffer.device, dtype=buffer.dtype)
 
 
 def _device(u: Factor) -> torch.device:
