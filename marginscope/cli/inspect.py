@@ -69,6 +69,9 @@ def inspect_command(
         fractions = "  ".join(f"C{c} {inrun[f'inrun_case{c}_frac']:.2f}" for c in (1, 2, 3, 4))
         out.print(f"in-run: {inrun['rows']} pairs over {inrun['steps']} steps, mean cosine "
                   f"{inrun['inrun_cosine_mean']:+.3f}, {fractions}")
+        if inrun.get("attributed_rows"):
+            out.print(f"per-pair attribution: {inrun['attributed_rows']} pairs at {inrun['attributed_steps']} steps "
+                      "(which pushed the probes: marginscope inspect --displacers)")
     if summary.trend:
         out.print("first → last mean Δlog π: " + "  ".join(f"{k} {v:+.3f}" for k, v in summary.trend.items()))
 

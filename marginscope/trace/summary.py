@@ -138,8 +138,10 @@ def summarize(trace: Trace) -> TraceSummary:
     if len(rows["step"]):
         with np.errstate(invalid="ignore", divide="ignore"):
             cosine = rows["inner"] / np.sqrt(rows["sq_w"] * rows["sq_l"])
+        attributed = np.isfinite(rows["probe_effect"]).all(axis=(1, 2))
         inrun = {"rows": len(rows["step"]), "steps": len(np.unique(rows["step"])),
-                 **inrun_summary(cosine, rows["case"])}
+                 **inrun_summary(cosine, rows["case"]), "attributed_rows": int(attributed.sum()),
+                 "attributed_steps": len(np.unique(rows["step"][attributed]))}
     return TraceSummary(str(trace.path), trace.metadata, names, len(trace.probe_ids), trace.top_k,
                         records, inrun, trend, agreement(intervals(trace), names))
 
