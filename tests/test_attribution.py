@@ -162,3 +162,38 @@ def test_attribution_off_and_auto(make_model, tokenizer, probes, tmp_path, monke
             assert effect.shape == (3, len(probes), 3)
             assert bool(np.isfinite(effect).all()) is measured and bool(np.isnan(effect).all()) is not measured
     assert "per-pair attribution skipped" in caplog.text
+
+
+def test_training_is_bit_identical_with_the_attribution(make_model, tokenizer, probes, tmp_path):
+    """Dropout 0.1, AdamW, a record (and so an attributed step) every step: the same parameters, bit for bit,
+    with the tracker attributing as without any tracker."""
+    train = ms.dynamics.encode(tokenizer, ProbeSet.from_records(TRAIN))
+
+    def run(tracked: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = make_model("gpt2", dtype=torch.float32, dropout=0.1).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        tracker = (ms.Tracker(model, tokenizer, probes, tmp_path / "t.h5", loss="dpo", every=1, optimizer=opt,
+                              attribution=True, overwrite=True) if tracked else None)
+        for step in (1, 2, 3):
+            ctx = tracker.in_run(n_pairs=3, examples=train) if tracked else None
+            if ctx is not None:
+                ctx.__enter__()
+            logps, _ = ms.dynamics.score_pairs(model, train)
+            if ctx is not None:
+                ctx.watch(logps)
+            (logps[3:] - logps[:3]).sum().backward()
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if tracked:
+                tracker.step(step)
+        if tracked:
+            tracker.close()
+            with ms.trace.open(tmp_path / "t.h5") as tr:
+                assert np.isfinite(tr.inrun()["probe_effect"]).all()  # every step was attributed
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    plain, tracked = run(False), run(True)
+    assert all(torch.equal(plain[n], tracked[n]) for n in plain)
