@@ -17,7 +17,7 @@ _LABELLED = 3  # the most negative pairs on chosen, named on the figure
 
 
 def _label(d) -> str:
-    return d.pair_id or textwrap.shorten(d.chosen.strip() or d.prompt.strip(), 28, placeholder="…")
+    return d.label or textwrap.shorten(d.chosen.strip() or d.prompt.strip(), 28, placeholder="…")
 
 
 @themed
