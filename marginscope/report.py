@@ -159,7 +159,7 @@ def _displacers_section(tr: Trace, probe: str | None) -> str:
     if not rows:
         return ""
     header = ["pair", "prompt", "chosen", "rejected", "on chosen", "on rejected", "share", "own cos", "own Case"]
-    body = [[r.pair_id or "—", r.prompt, r.chosen, r.rejected, r.effect, r.effect_other, f"{r.share:.1%}",
+    body = [[r.label or "—", r.prompt, r.chosen, r.rejected, r.effect, r.effect_other, f"{r.share:.1%}",
              r.cosine, r.case] for r in rows]
     where = f"probe {probe}" if probe else "every probe's chosen response, summed"
     return ("<h3>Who pushed it: the training pairs that pulled chosen down the most</h3>" + _table(header, body, left=4)

@@ -658,12 +658,26 @@ class Tracker:
     def _attribute(self, step: int, captured: CapturedStep | None) -> None:
         """Each pending pair of `step` with a gradient: its share of the gradient part's first-order effect
         on every probe response, ⟨a_i(θ_t), c_t ⊙ g_j⟩ (before κ, applied once every process's terms are
-        gathered: `_write_inrun`). The gradients are dropped here in any case."""
-        rows = [e for e in self._inrun if e.step == step and e.pairs.gradients is not None]
+        gathered: `_write_inrun`). The gradients are dropped here in any case. A step some of whose pairs
+        were seen without their gradient (attribution=None's budget refused a later micro-batch, or the
+        in-run measurement failed during the step) is attributed nowhere: κ fitted to part of the pairs
+        would inflate their shares by the missing ones'."""
+        intended = captured is not None and captured.coefficient is not None
+        of_step = [e for e in self._inrun if e.step == step]
+        rows = [e for e in of_step if e.pairs.gradients is not None]
+        incomplete = len(rows) < len(of_step) or (bool(rows) and not self.guard.active("in_run"))
+        if incomplete and intended:
+            if rows:
+                log.warning("marginscope: step %d: some training pairs were seen without their gradient (a later "
+                            "micro-batch over the attribution budget, or the in-run measurement failed); no "
+                            "per-pair attribution is recorded for this step", step)
+            for e in of_step:  # no κ for this step on any process: its effects are not written
+                e.pairs, e.attributed, e.effect, e.scale_terms = e.pairs.without_gradients(), True, None, None
+            return
         if not rows:
             return
         usable = (captured is not None and captured.coefficient is not None and captured.parts is not None
-                  and self.guard.active("attribution"))
+                  and self.guard.active("attribution") and not incomplete)
         if usable:
             ok, _ = self.guard.run("attribution", lambda: self._pair_effects(rows, captured))
             if not ok:

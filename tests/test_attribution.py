@@ -197,3 +197,31 @@ def test_training_is_bit_identical_with_the_attribution(make_model, tokenizer, p
 
     plain, tracked = run(False), run(True)
     assert all(torch.equal(plain[n], tracked[n]) for n in plain)
+
+
+def test_a_step_with_pairs_missing_their_gradient_is_not_attributed(make_model, tokenizer, probes, tmp_path,
+                                                                   monkeypatch, caplog):
+    """Gradient accumulation under attribution=None's budget: the first micro-batches fit, the last does not.
+    Attributing the pairs that have a gradient would fit κ to part of the step (κ ≠ 1, their shares inflated by
+    the missing pair's): the step gets no attribution at all, with a warning."""
+    import marginscope.tracker as tracker_module
+
+    model = make_model("gpt2")
+    size = sum(p.numel() * 8 for p in model.parameters())
+    monkeypatch.setattr(tracker_module, "ATTRIBUTION_AUTO_BYTES", 2 * size)  # two pairs' gradients fit, not three
+    train = ms.dynamics.encode(tokenizer, ProbeSet.from_records(TRAIN))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tracker = ms.Tracker(model, tokenizer, probes, tmp_path / "t.h5", loss="dpo", every=1, optimizer=opt)
+    model.train()
+    for j in range(3):  # one pair per micro-batch
+        with tracker.in_run(n_pairs=1, examples=[train[j]]) as geo:
+            logps, _ = ms.dynamics.score_pairs(model, [train[j]])
+            geo.watch(logps)
+            (logps[0] - logps[1]).backward()
+    opt.step()
+    tracker.step(1)
+    tracker.close()
+    with ms.trace.open(tmp_path / "t.h5") as tr:
+        rows = tr.inrun()
+    assert len(rows["step"]) == 3 and np.isnan(rows["probe_effect"]).all() and np.isnan(rows["effect_scale"]).all()
+    assert "no per-pair attribution is recorded for this step" in caplog.text

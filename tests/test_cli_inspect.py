@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import marginscope as ms
 from marginscope.cli import app
+import trace_factory
 from trace_factory import make_trace
 
 runner = CliRunner()
@@ -154,3 +155,28 @@ def test_displacers_table_and_its_mistakes(tmp_path):
     bare = make_trace(tmp_path / "bare.h5", update=False)
     result = runner.invoke(app, ["inspect", str(bare), "--displacers"])
     assert result.exit_code == 2 and "holds no per-pair attribution" in result.output
+
+
+def test_displacers_keep_pairs_without_id_or_texts_apart(tmp_path):
+    """Rows recorded without `examples` (no id, no texts) are each a pair of their own — not all summed into
+    one anonymous "pair" — and are named by their step and index."""
+    path = make_trace(tmp_path / "run.h5", inrun=False)
+    rng = np.random.default_rng(1)
+    probes = trace_factory._probe_set(4, ("chosen", "rejected", "top"))  # make_trace's defaults
+    with ms.trace.open(path) as tr:
+        names, steps, top_k = tr.names, tr.steps, tr.top_k
+    effects = {}
+    with ms.trace.TraceWriter.resume(path, probes=probes, names=names, step=int(steps[-1]), top_k=top_k) as w:
+        for step in (2, 4):
+            effects[step] = rng.normal(size=(3, len(probes), len(names)))
+            w.append_inrun(step, inner=np.ones(3), sq_w=np.full(3, 2.0), sq_l=np.full(3, 2.0), scale_w=-np.ones(3),
+                           scale_l=np.ones(3), case=np.ones(3, dtype=np.int8), probe_effect=effects[step],
+                           effect_scale=np.ones(3))
+    with ms.trace.open(path) as tr:
+        table = ms.trace.summary.displacers(tr, n=100)
+    assert len(table) == 6 and all(d.anonymous and len(d.steps) == 1 for d in table)
+    want = sorted(float(effects[s][j, :, 0].sum()) for s in (2, 4) for j in range(3))
+    np.testing.assert_allclose([d.effect for d in table], want, rtol=1e-12)
+    assert {d.label for d in table} == {f"step {s} pair {j}" for s in (2, 4) for j in range(3)}
+    result = runner.invoke(app, ["inspect", str(path), "--displacers", "--top", "6"])
+    assert result.exit_code == 0 and "step 2 pair 0" in result.output and "step 4 pair 2" in result.output

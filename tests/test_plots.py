@@ -553,3 +553,22 @@ def test_figures_doc_has_a_section_per_figure():
     for name in dict.fromkeys([*ms.plots.FIGURES, *ms.plots.COMPARISONS]):
         section = text.split(f"## `{name}`\n", 1)[1].split("\n## ", 1)[0]
         assert f"ms.plots.{name}(" in section and "marginscope plot" in section, name
+
+
+def test_displacers_at_a_recorded_step_without_attribution(tmp_path):
+    """`marginscope plot/report --step S` passes S to every figure: at a recorded step without attribution
+    (step 0; a trace without any) the displacers figure is a note, not an error that stops every figure;
+    a step that is not recorded is still a one-line error."""
+    path = make_trace(tmp_path / "run.h5")
+    bare = make_trace(tmp_path / "bare.h5", update=False)
+    for trace, step in ((path, 0), (bare, 2)):
+        with strict():
+            text = " ".join(all_text(ms.plots.displacers(trace, step=step)).split())
+        assert f"no per-pair attribution at step {step}" in text
+    assert "pulled chosen down" in " ".join(all_text(ms.plots.displacers(path, step=2)).split())
+    with pytest.raises(ms.MarginscopeError, match="step 3 is not recorded"):
+        ms.plots.displacers(path, step=3)
+    result = runner.invoke(app, ["plot", str(path), "-o", str(tmp_path / "figs"), "--step", "0"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["report", str(bare), "-o", str(tmp_path / "r.html"), "--step", "2"])
+    assert result.exit_code == 0, result.output

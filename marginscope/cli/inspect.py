@@ -91,7 +91,7 @@ def _print_displacers(rows: list[Displacer], response: str, label: str, as_json:
         table.add_column(column, justify="left" if column in ("pair", "prompt", "chosen", "rejected") else "right",
                          overflow="fold", max_width=28 if column in ("prompt", "chosen", "rejected") else None)
     for r in rows:
-        table.add_row(r.pair_id or "—", r.prompt, r.chosen, r.rejected, f"{r.effect:+.4g}", f"{r.effect_other:+.4g}",
+        table.add_row(r.label or "—", r.prompt, r.chosen, r.rejected, f"{r.effect:+.4g}", f"{r.effect_other:+.4g}",
                       f"{r.share:.1%}", f"{r.cosine:+.3f}", str(r.case), ",".join(map(str, r.steps)))
     out.print(table)
 

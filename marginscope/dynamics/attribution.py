@@ -106,8 +106,8 @@ def _device(u: Factor) -> torch.device:
 def pair_tangents(gradients: Mapping[str, Tensor], coefficient: Mapping[str, Tensor], pairs: Sequence[int], *,
                   like: Mapping[str, Tensor]) -> list[dict[str, Tensor]]:
     """u_j = c ⊙ g_j for the pairs `pairs` (indices into gradients' leading axis), each a {name: tensor}
-    in the dtype and on the device of `like` (the parameters). Raises MarginscopeError when a name of
-    the gradients has no coefficient (the optimizer did not step that parameter: its u_j is 0)."""
+    in the dtype and on the device of `like` (the parameters); a parameter without a coefficient (the
+    optimizer did not step it) gets u_j = 0. Raises MarginscopeError when `pairs` is empty."""
     out = []
     for j in pairs:
         u = {}

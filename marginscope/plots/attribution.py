@@ -10,14 +10,14 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from ..trace.summary import displacers as displacer_table
-from ._data import TraceLike, opened, run_label
+from ._data import TraceLike, opened, run_label, step_index
 from ._style import corner_text, footnote, message_figure, new_figure, themed
 
 _LABELLED = 3  # the most negative pairs on chosen, named on the figure
 
 
 def _label(d) -> str:
-    return d.pair_id or textwrap.shorten(d.chosen.strip() or d.prompt.strip(), 28, placeholder="…")
+    return d.label or textwrap.shorten(d.chosen.strip() or d.prompt.strip(), 28, placeholder="…")
 
 
 @themed
@@ -25,11 +25,21 @@ def displacers(trace: TraceLike, *, probe: str | None = None, step: int | None =
     """Scatter of the training pairs: x the effect on chosen, y on rejected (nats; the probe `probe`'s,
     or every probe's summed), over the attributed step `step` (None: all, summed per pair); colour the
     pair's own gradient cosine cos(a_w, a_l) at its last attributed step. Pairs left of 0 pulled the
-    chosen responses down; the three that did most are named. A note when nothing was attributed."""
+    chosen responses down; the three that did most are named. A note when nothing was attributed (at
+    `step`, when given: a recorded step without attribution, e.g. step 0); an unrecorded step raises."""
     with opened(trace) as tr:
         title = f"Who pushed it — {run_label(tr)}" + (f" · probe {probe}" if probe else " · all probes")
         if not len(tr.steps):
             return message_figure(title, "no records yet")
+        if step is not None:
+            step_index(tr, tr.steps, step)  # a step that is not recorded: the one-line error of every figure
+            inrun = tr.inrun()
+            if not np.isfinite(inrun["probe_effect"][inrun["step"] == step]).all(axis=(1, 2)).any():
+                # a recorded step without attribution (step 0, an optimizer without split, attribution off):
+                # `marginscope plot/report --step S` draws the other figures at S, this one says so
+                return message_figure(title + f" · step {step}", f"no per-pair attribution at step {step} (the "
+                                      "optimizer step before a record, with in-run pairs and the attribution on: "
+                                      "see docs/tracking.md)")
         rows = displacer_table(tr, probe=probe, step=step, n=1 << 30)
         if not rows:
             return message_figure(title, "no per-pair attribution in this trace (it needs the optimizer, in-run "

@@ -152,7 +152,8 @@ class Displacer:
     over the steps it was attributed at): `effect` on the response asked for (one probe's, or every
     probe's summed), `effect_other` on the other of chosen/rejected, `share` = effect / Σ_pairs |effect|
     (signed; the shares' absolute values add up to 1 over all pairs); `cosine` and `case` of the pair itself at its last
-    attributed step; `steps` the steps it was attributed at."""
+    attributed step; `steps` the steps it was attributed at; `pair` its index in its step's batch (the
+    trace's `pair` column) at the last of them."""
 
     pair_id: str
     prompt: str
@@ -164,6 +165,17 @@ class Displacer:
     cosine: float
     case: int
     steps: tuple[int, ...]
+    pair: int = -1
+
+    @property
+    def anonymous(self) -> bool:
+        """Recorded without id or texts (a loop that gave `in_run` no `examples`): one row of one step."""
+        return not (self.pair_id or self.prompt or self.chosen or self.rejected)
+
+    @property
+    def label(self) -> str:
+        """Its id; "" when it has texts but no id; "step S pair P" when it has neither."""
+        return self.pair_id or (f"step {self.steps[-1]} pair {self.pair}" if self.anonymous else "")
 
 
 def displacers(trace: Trace, *, probe: str | None = None, response: str = "chosen", step: int | None = None,
@@ -171,7 +183,8 @@ def displacers(trace: Trace, *, probe: str | None = None, response: str = "chose
     """The training pairs that pushed `response` down the most (DESIGN.md §2b, "Who pushed it"), most
     negative effect first: each pair's `probe_effect` on probe `probe` (None: on every probe's
     `response`, summed), over the attributed step `step` (None: every attributed step, a pair seen at
-    several summed). A pair is identified by its id, else by its texts. Empty when the trace holds no
+    several summed). A pair is identified by its id, else by its texts; a row with neither (no `examples`
+    given to `in_run`) is a pair of its own, not summed with any other. Empty when the trace holds no
     attribution. Raises MarginscopeError for an unknown probe, response or step."""
     from ..errors import MarginscopeError
 
@@ -199,11 +212,12 @@ def displacers(trace: Trace, *, probe: str | None = None, response: str = "chose
         cosine = rows["inner"][attributed] / np.sqrt(rows["sq_w"][attributed] * rows["sq_l"][attributed])
     groups: dict[tuple, list[int]] = {}
     text = {k: rows[k][attributed] for k in ("pair_id", "prompt", "chosen", "rejected")}
+    steps, rank, index = rows["step"][attributed], rows["rank"][attributed], rows["pair"][attributed]
     for k in range(len(mine)):
-        key = (text["pair_id"][k],) if text["pair_id"][k] else (
-            "", text["prompt"][k], text["chosen"][k], text["rejected"][k])
+        texts = (text["prompt"][k], text["chosen"][k], text["rejected"][k])
+        key = ((text["pair_id"][k],) if text["pair_id"][k] else ("", *texts) if any(texts)
+               else ("", int(steps[k]), int(rank[k]), int(index[k])))  # anonymous: this row alone
         groups.setdefault(key, []).append(k)
-    steps = rows["step"][attributed]
     total = sum(abs(float(mine[members].sum())) for members in groups.values())
     out = []
     for members in groups.values():
@@ -212,5 +226,6 @@ def displacers(trace: Trace, *, probe: str | None = None, response: str = "chose
         out.append(Displacer(str(text["pair_id"][last]), str(text["prompt"][last]), str(text["chosen"][last]),
                              str(text["rejected"][last]), e, float(other[members].sum()),
                              e / total if total else float("nan"), float(cosine[last]),
-                             int(rows["case"][attributed][last]), tuple(sorted(int(s) for s in steps[members]))))
+                             int(rows["case"][attributed][last]), tuple(sorted(int(s) for s in steps[members])),
+                             int(index[last])))
     return sorted(out, key=lambda d: d.effect)[:n]
