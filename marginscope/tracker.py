@@ -703,23 +703,29 @@ class Tracker:
                 e.effect = np.concatenate(effects)
                 gp2, dot, _ = scale_terms(gradient_part, e.pairs.gradients, captured.coefficient)
                 e.scale_terms = (gp2, dot)
-        if self.world_size == 1:
-            self._check_decomposition(rows, gradient_part, captured.coefficient)
+        if self.world_size == 1 and not self._explains_the_step(rows, gradient_part, captured.coefficient):
+            for e in rows:  # no κ: the step's effects are not written
+                e.effect = e.scale_terms = None
 
-    def _check_decomposition(self, rows: list[_InRunRows], gradient_part, coefficient) -> None:
-        """One process: warn when the pairs' gradients do not add up to the gradient the optimizer stepped
-        with, up to one scalar (a loss term outside the watched rows, a gradient the hooks missed)."""
+    def _explains_the_step(self, rows: list[_InRunRows], gradient_part, coefficient) -> bool:
+        """One process: whether the pairs' gradients add up to the gradient the optimizer stepped with, up
+        to one scalar (κ); warns when they do not (a loss term or parameter use outside the watched pairs,
+        or a low-precision run: in bf16 the hooks' and the optimizer's gradients differ by far more than
+        rounding at Adam's first steps)."""
         total = {n: sum(e.pairs.gradients[n].to(torch.float64).sum(0, keepdim=True) for e in rows)
                  for n in rows[0].pairs.gradients}
         gp2, dot, u2 = scale_terms(gradient_part, total, coefficient)
         if gp2 == 0 or dot == 0:
-            return
+            return True
         kappa = gp2 / dot
         residual = max(0.0, gp2 - 2 * kappa * dot + kappa * kappa * u2) ** 0.5 / gp2 ** 0.5
         if residual > _DECOMPOSITION_TOLERANCE:
-            log.warning("marginscope: the training pairs' gradients explain the step's gradient up to a relative "
-                        "residual of %.2g (a loss term or parameter use outside the watched pairs); "
-                        "probe_effect covers the pairs' share only", residual)
+            log.warning("marginscope: step %d: the training pairs' gradients explain the step's gradient only up to "
+                        "a relative residual of %.2g (a loss term or parameter use outside the watched pairs, or a "
+                        "low-precision run); no per-pair attribution is recorded for this step", rows[0].step,
+                        residual)
+            return False
+        return True
 
     def _flush_inrun(self) -> None:
         """Gather pending in-run rows (those already given a step) to rank 0 and append them."""

@@ -225,3 +225,26 @@ def test_a_step_with_pairs_missing_their_gradient_is_not_attributed(make_model, 
         rows = tr.inrun()
     assert len(rows["step"]) == 3 and np.isnan(rows["probe_effect"]).all() and np.isnan(rows["effect_scale"]).all()
     assert "no per-pair attribution is recorded for this step" in caplog.text
+
+
+def test_a_loss_term_outside_the_pairs_gets_no_attribution(make_model, tokenizer, probes, tmp_path, caplog):
+    """An L2 penalty on the parameters is part of the gradient the optimizer steps with but of no pair's: κ
+    cannot make the pairs add up to it, so the step is not attributed (a warning names the residual)."""
+    model = make_model("gpt2")
+    train = ms.dynamics.encode(tokenizer, ProbeSet.from_records(TRAIN))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tracker = ms.Tracker(model, tokenizer, probes, tmp_path / "t.h5", loss="dpo", every=1, optimizer=opt)
+    model.train()
+    with tracker.in_run(n_pairs=3, examples=train) as geo:
+        logps, _ = ms.dynamics.score_pairs(model, train)
+        geo.watch(logps)
+        penalty = sum((p * p).sum() for p in model.parameters())
+        ((logps[3:] - logps[:3]).sum() + 0.1 * penalty).backward()
+    opt.step()
+    tracker.step(1)
+    tracker.close()
+    with ms.trace.open(tmp_path / "t.h5") as tr:
+        rows = tr.inrun()
+        assert np.isfinite(tr.step_parts["gradient"][1]).all()  # the step itself is still split
+    assert np.isnan(rows["probe_effect"]).all() and np.isnan(rows["effect_scale"]).all()
+    assert "explain the step's gradient only up to a relative residual" in caplog.text
