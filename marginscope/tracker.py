@@ -289,7 +289,12 @@ class Tracker:
         `ms.dynamics.InRunGeometry`) and, on the step before a record, each pair's gradient for the
         attribution; the result is kept for the next `step()`. examples: the batch's pairs (an
         `EncodedProbe` each, chosen = response 0, rejected = response 1; e.g. what `score_pairs` got),
-        so the trace can name them."""
+        so the trace can name them (of another length than the pairs: ignored, with a warning)."""
+        count = n_pairs if n_pairs is not None else len(pairs or ())
+        if examples is not None and len(examples) != count:
+            log.warning("marginscope: in_run got %d examples for %d pairs; the pairs are recorded without their "
+                        "ids and texts", len(examples), count)
+            examples = None
         return InRunStep(self, n_pairs=n_pairs, pairs=pairs, examples=examples)
 
     def wants_pair_gradients(self, n_pairs: int) -> bool:
