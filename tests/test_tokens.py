@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutput
 
 import marginscope as ms
 from marginscope.dynamics import encode, select_parameters
@@ -326,3 +327,70 @@ def test_exact_tier_one_row_blocks_equal_oracle(make_model, tokenizer, probes, a
                 for a, b in zip(got, expected):
                     assert a.dtype == torch.float64 and a.shape == b.shape
                     assert _rel(a, b) <= 1e-9
+
+
+class _Wrapped(nn.Module):
+    """An LM behind a forward without `logits_to_keep` (full logits, gathered at the scored positions);
+    `head`: what get_output_embeddings() returns; `skip`: logits + a linear map of the embeddings' output
+    (a path from the body to the log-probs that bypasses the head's input)."""
+
+    def __init__(self, lm, head=True, skip=False):
+        super().__init__()
+        self.lm, self.config, self.head = lm, lm.config, head
+        self.skip = nn.Linear(lm.config.hidden_size, lm.config.vocab_size, bias=False, dtype=torch.float64) \
+            if skip else None
+
+    def forward(self, **kwargs):
+        out = self.lm(**kwargs, output_hidden_states=self.skip is not None)
+        logits = out.logits if self.skip is None else out.logits + self.skip(out.hidden_states[0])
+        return CausalLMOutput(logits=logits)
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings() if self.head else None
+
+
+@pytest.mark.parametrize("variant,shortcut", [("hf", True), ("full logits", True), ("no head", False),
+                                              ("bypass", False)])
+def test_exact_tier_truncated_graphs_and_head_shortcut_equal_oracle(make_model, tokenizer, probes, variant,
+                                                                    shortcut, monkeypatch):
+    """Truncated forwards (one per row, or up to 3 blocks of tokens) with the batched backward started
+    at the LM head's input (at the scored positions only, or over the full logits), and the batched
+    backward from the log-probs where the head is unknown or bypassed, against one backward per token."""
+    lm = make_model("gpt2" if variant != "bypass" else "llama")
+    model = {"hf": lm, "full logits": _Wrapped(lm), "no head": _Wrapped(lm, head=False),
+             "bypass": _Wrapped(lm, skip=True)}[variant]
+    graphs, truncated = [], 0
+    real = tokens._row_graph
+    monkeypatch.setattr(tokens, "_row_graph", lambda *a: graphs.append(real(*a)) or graphs[-1])
+    scope = select_parameters(model, "all")
+    with gradient_scope(model, scope):
+        for probe in encode(tokenizer, probes)[:2]:
+            expected = exact_token_gram(model, probe, scope)
+            rows = [(probe.prompt_ids, probe.response_ids[0]), (probe.prompt_ids, probe.response_ids[1])]
+            for truncate, k in ((1, None), (3, None), (3, 4)):
+                graphs.clear()
+                got = tokens.batched_token_gram(model, rows, scope, truncate=truncate, max_tokens_per_chunk=k)
+                for a, b in zip(got, expected):
+                    assert _rel(a, b) <= 1e-9
+                assert all((g.head_input is not None) == shortcut for g in graphs)
+                ends = sorted(len(g.scored.mask[0]) for g in graphs)
+                assert ends == sorted(b.stop for _, r in rows for b in tokens._truncations(len(probe.prompt_ids),
+                                                                                         len(r), truncate))
+                truncated += sum(n < max(len(r) for _, r in rows) for n in ends)
+    assert truncated >= 4  # forwards that stop before the end of their response
+
+
+def test_truncations_cover_the_tokens_at_least_cost():
+    def cost(blocks, p):
+        return sum((p + b.stop) * (tokens.FORWARD_COST + len(b)) for b in blocks)
+
+    for p, t in [(4, 12), (16, 32), (1, 1), (100, 5), (2, 64), (16, 512)]:
+        blocks = tokens._truncations(p, t)
+        assert [i for b in blocks for i in b] == list(range(t)) and len(blocks) <= tokens.MAX_TRUNCATED_GRAPHS
+        for n in range(1, min(t, tokens.MAX_TRUNCATED_GRAPHS) + 1):
+            forced = tokens._truncations(p, t, n)
+            assert [i for b in forced for i in b] == list(range(t)) and len(forced) == n
+            assert cost(blocks, p) <= cost(forced, p)
+    assert len(tokens._truncations(16, 32)) == 2 and len(tokens._truncations(100, 5)) == 1
+    assert len(tokens._truncations(16, 512)) == tokens.MAX_TRUNCATED_GRAPHS
+    assert tokens._truncations(3, 2, 5) == [range(0, 1), range(1, 2)]

@@ -27,16 +27,27 @@ wte, tied to lm_head) counts through its uses in the tier alone.
   position becomes a virtual row of length one ([B, T, …] → [K, 1, …]) for the ghost handlers.
   Cost: one forward, one backward through the tail.
 - "exact": every use of every scope parameter (all of g_t); a scope parameter the ghost engine cannot
-  attribute (or one used outside the modules it hooks) raises MarginscopeError. One forward per row
+  attribute (or one used outside the modules it hooks) raises MarginscopeError. Forwards of one row
   (batch 1: a token's cotangent is zero on the other row, so backpropagating it through a two-row
-  graph would be wasted work); then per chunk of K tokens of a row one `autograd.grad(token log-probs,
-  every hooked call's output, one-hot cotangents, is_grads_batched=True)`, which returns each call's
-  output cotangents for the K tokens at once ([K, 1, T, d_out]; no tensor hooks: they do not fire
-  under vmap). Token k is a virtual row: its own cotangent with its row's inputs, shared
-  (`ghost.virtual`). Only the chosen × rejected block and the squared norms are contracted
-  (`BlockSums`), each through the shared inputs' token Gram C = X_w X_lᵀ:
-  ⟨G_a, G_b⟩ = Σ_t D_a,t · (C D_b)_t. A chunk pairs a block of chosen with a block of rejected tokens,
-  so every w × l block is covered; K is `max_tokens_per_chunk`, or what `TOKEN_CHUNK_BYTES` allows.
+  graph would be wasted work), truncated: token t's log-prob does not depend on later positions, so
+  each response's tokens are split into up to `MAX_TRUNCATED_GRAPHS` blocks and each block is scored by
+  a forward that ends at its last token (`_truncations` picks the split with the least work by a
+  count of positions forwarded and backpropagated). Per chunk of K tokens of a block one
+  `autograd.grad(·, every hooked call's output, is_grads_batched=True)` returns each call's output
+  cotangents for the K tokens at once ([K, 1, T, d_out]; no tensor hooks: they do not fire under
+  vmap). It starts at the LM head's input, not at the log-probs: the head acts on each position alone
+  and token t reads its logits at one position q_t only, so one plain backward through the head gives
+  every token's head-input cotangent (at q_t) and the head calls' own cotangents; the [K, T, V]
+  batched backward through the head is never run, and each head call becomes one virtual row of length
+  one per token, as in "tail" (`_RowGraph`; where the head is not known or some path from the body to
+  the log-probs avoids its input, the batched backward starts at the log-probs). Token k is a virtual
+  row: its own cotangent with its row's inputs, shared (`ghost.virtual`); a block's cotangents are
+  zero-padded to the positions of the graph that scores the chunk's last token, whose inputs they are
+  contracted with (the truncated graphs' positions are a prefix of it, with the same values). Only the
+  chosen × rejected block and the squared norms are contracted (`BlockSums`), each through the
+  shared inputs' token Gram C = X_w X_lᵀ: ⟨G_a, G_b⟩ = Σ_t D_a,t · (C D_b)_t. A chunk pairs a block
+  of chosen with a block of rejected tokens, so every w × l block is covered; K is
+  `max_tokens_per_chunk`, or what `TOKEN_CHUNK_BYTES` allows.
 
 Head and tail are computed this way whatever the engine; `exact_token_gram` (one backward per token)
 is the oracle of all three, restricted to a tier's parameters. Limits: the tail assumes that what runs
@@ -44,7 +55,8 @@ after the last attention is position-wise (true of transformer decoders, not of 
 positions otherwise, e.g. by a convolution or a recurrence, or whose attention classes are not named
 so); head and tail leave out scope parameters the ghost engine cannot attribute; head and tail
 contract the (T_w + T_l)² Gram of the scored positions at once (over the vocabulary for the head's
-cotangents); the exact tier's memory is K per-token copies of every hooked call's output.
+cotangents); the exact tier's memory is K per-token copies of every hooked call's output outside the
+head, and up to `MAX_TRUNCATED_GRAPHS` one-row graphs per response.
 """
 
 from __future__ import annotations
@@ -153,32 +165,211 @@ def positionwise_token_gram(model: nn.Module, rows: Sequence[Row], scope: Parame
     return _split(_virtual_gram(uses, len(row), scope), len(rows[0][1]))
 
 
-# --- exact: one-row graphs, batched per-token cotangents, chosen × rejected blocks --------------------
+# --- exact: truncated one-row graphs, batched per-token cotangents, chosen × rejected blocks ----------
+
+MAX_TRUNCATED_GRAPHS = 4  # most truncated forwards per response in the exact tier (each graph is held)
+FORWARD_COST = 4  # a truncated graph's forward and head backward per position, in batched cotangents:
+# (16-token prompt, 32 tokens, GPT-2 widths, 1 thread) 2 graphs per response measured fastest
+
 
 @dataclass
 class _RowGraph:
-    """One response's own forward (batch 1, no padding): its recorded calls and their outputs."""
+    """One forward of a response truncated after its first `scored.mask.shape[1]` tokens (batch 1, no
+    padding): its recorded calls and their outputs, and, when the LM head shortcut applies
+    (`_head_shortcut`), the head's input `head_input` [1, T_h, d] and which calls are the head's."""
 
     recorder: CallRecorder
     scored: ScoredRows
     outputs: list[Tensor]
+    head_input: Tensor | None
+    in_head: list[bool]
+    _single: list[Tensor | None] | None = None
+
+    def single(self) -> list[Tensor | None]:
+        """[d(Σ_t log π_t)/d head_input] + the same for every head call's output, [1, T_h, ...] each:
+        one backward through the head. The head acts on each position alone and position q_t scores
+        token t alone, so position q_t of these is exactly token t's cotangent."""
+        if self._single is None:
+            heads = [o for o, h in zip(self.outputs, self.in_head) if h]
+            self._single = list(torch.autograd.grad(self.scored.logp.sum(), [self.head_input, *heads],
+                                                    retain_graph=True, allow_unused=True))
+        return self._single
+
+    def positions(self, tokens: range) -> Tensor:
+        """Where tokens feed the head's input: the token index when the head runs at the scored positions
+        only (`logits_to_keep`), else the logit position in the row."""
+        idx = torch.as_tensor(tokens, device=self.scored.mask.device)
+        return idx if self.head_input.shape[1] == self.scored.mask.shape[1] else self.scored.logit_pos[0, idx]
 
     def cotangents(self, tokens: range) -> list[Tensor | None]:
-        """Every recorded call's output cotangents for the one-hot cotangents of `tokens`, [K, ...] each
-        (one batched activation backward, no parameter gradient)."""
-        logp = self.scored.token_logp
-        onehot = torch.zeros(len(tokens), *logp.shape, dtype=logp.dtype, device=logp.device)
-        onehot[torch.arange(len(tokens), device=logp.device), 0, torch.as_tensor(tokens, device=logp.device)] = 1
-        grads = torch.autograd.grad(logp, self.outputs, onehot, retain_graph=True, is_grads_batched=True,
-                                    allow_unused=True)
-        return [None if g is None else g.flatten(0, 1) for g in grads]
+        """Every recorded call's output cotangents for the one-hot cotangents of the K tokens of `tokens`,
+        [K, ...] each (None: no cotangent), no parameter gradient; with the head shortcut a head call's
+        entry is its `single` cotangent [1, T_h, ...] instead, token t's at position q_t. With the
+        shortcut the one batched backward starts at the head's input, token t's cotangent (from
+        `single`) at q_t, so the head's [K, T_h, V] batched backward is never run; else it starts at
+        the log-probs."""
+        k = len(tokens)
+        if self.head_input is None:
+            logp = self.scored.token_logp
+            onehot = torch.zeros(k, *logp.shape, dtype=logp.dtype, device=logp.device)
+            onehot[torch.arange(k, device=logp.device), 0, torch.as_tensor(tokens, device=logp.device)] = 1
+            grads = torch.autograd.grad(logp, self.outputs, onehot, retain_graph=True, is_grads_batched=True,
+                                        allow_unused=True)
+            return [None if g is None else g.flatten(0, 1) for g in grads]
+        single, q, rows = self.single(), self.positions(tokens), torch.arange(k, device=self.head_input.device)
+
+        start = torch.zeros(k, *single[0].shape, dtype=single[0].dtype, device=single[0].device)
+        start[rows, 0, q] = single[0][0, q]
+        body = [o for o, h in zip(self.outputs, self.in_head) if not h]
+        grads = iter(torch.autograd.grad(self.head_input, body, start,
+                                         retain_graph=True, is_grads_batched=True, allow_unused=True))
+        heads = iter(single[1:])
+        return [next(heads) if h else (None if (g := next(grads)) is None else g.flatten(0, 1))
+                for h in self.in_head]
+
+
+def _reaches(root: Tensor, stop: Tensor, targets: set) -> bool:
+    """Whether root's autograd graph reaches a node of `targets` by a path that avoids stop's node."""
+    stack, seen = [root.grad_fn], {stop.grad_fn}
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if node in targets:
+            return True
+        seen.add(node)
+        stack.extend(child for child, _ in node.next_functions)
+    return False
+
+
+def _head_shortcut(model: nn.Module, recorder: CallRecorder, scored: ScoredRows, head_inputs: list[Tensor]
+                   ) -> tuple[Tensor | None, list[bool]]:
+    """(the LM head's input, which calls are the head's) when the head (`get_output_embeddings()`) was
+    called once, on an input that needs a gradient, and every path from the log-probs to a call outside
+    the head passes through that input; else (None, all False): the batched backward then starts at the
+    log-probs."""
+    head = model.get_output_embeddings()
+    modules = set() if head is None else set(head.modules())
+    in_head = [r.call.module in modules for r in recorder.calls]
+    if len(head_inputs) != 1 or not head_inputs[0].requires_grad:
+        return None, [False] * len(in_head)
+    body = {r.output.grad_fn for r, h in zip(recorder.calls, in_head) if not h}
+    if _reaches(scored.logp.sum(), head_inputs[0], body):
+        return None, [False] * len(in_head)
+    return head_inputs[0], in_head
 
 
 def _row_graph(model: nn.Module, scope: ParameterScope, plan: Plan, row: Row, pad_id: int) -> _RowGraph:
-    with CallRecorder(model, scope, plan) as recorder:
+    head = model.get_output_embeddings()
+    inputs: list[Tensor] = []
+    capture = (contextlib.nullcontext() if head is None else _inputs_of(head, inputs))
+    with CallRecorder(model, scope, plan) as recorder, capture:
         scored = score_rows(model, [row], pad_id=pad_id)
     recorder.check_attribution(scored.logp.sum())
-    return _RowGraph(recorder, scored, recorder.outputs(recorder.calls))
+    head_input, in_head = _head_shortcut(model, recorder, scored, inputs)
+    return _RowGraph(recorder, scored, recorder.outputs(recorder.calls), head_input, in_head)
+
+
+@contextlib.contextmanager
+def _inputs_of(module: nn.Module, inputs: list[Tensor]) -> Iterator[None]:
+    """Collect the first tensor argument of every call of `module` made with grad enabled."""
+    def pre(mod, args):
+        if torch.is_grad_enabled() and args and isinstance(args[0], Tensor):
+            inputs.append(args[0])
+
+    handle = module.register_forward_pre_hook(pre)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _truncations(prompt_len: int, t: int, count: int | None = None) -> list[range]:
+    """The response's t tokens split into `count` (at most t) consecutive blocks of sizes differing by
+    at most one, each scored by a forward truncated after its last token (token t's log-prob does not
+    depend on later positions). count None: the count up to `MAX_TRUNCATED_GRAPHS` with the least
+    Σ_j (prompt_len + e_j)·(FORWARD_COST + K_j) for blocks of K_j tokens ending at token e_j, the
+    positions forwarded (and backpropagated once through the head) and backpropagated K_j times."""
+    def split(n: int) -> list[range]:
+        return [range(t * i // n, t * (i + 1) // n) for i in range(n)]
+
+    if count is not None:
+        return split(max(1, min(count, t)))
+    costs = {n: sum((prompt_len + b.stop) * (FORWARD_COST + len(b)) for b in split(n))
+             for n in range(1, min(t, MAX_TRUNCATED_GRAPHS) + 1)}
+    return split(min(costs, key=costs.get))
+
+
+class _Response:
+    """One response's truncated graphs (`_truncations`), built on first use and kept, and the per-token
+    cotangents of a block of its tokens against the graph that scores the block's last token."""
+
+    def __init__(self, model: nn.Module, scope: ParameterScope, plan: Plan, row: Row, pad_id: int,
+                 truncate: int | None) -> None:
+        self.model, self.scope, self.plan, self.row, self.pad_id = model, scope, plan, row, pad_id
+        self.blocks = _truncations(len(row[0]), len(row[1]), truncate)
+        self._graphs: dict[int, _RowGraph] = {}
+
+    def graph(self, j: int) -> _RowGraph:
+        if j not in self._graphs:
+            prompt, response = self.row
+            self._graphs[j] = _row_graph(self.model, self.scope, self.plan,
+                                         (prompt, response[:self.blocks[j].stop]), self.pad_id)
+        return self._graphs[j]
+
+    def uses(self, tokens: range) -> list[tuple[Call, Call, Tensor]]:
+        """(recorded call, call to factor, its cotangent [K, ...]) of every call with a cotangent, for the
+        K tokens of `tokens`: calls outside the LM head factor the inputs of the graph of the last token
+        against the cotangents of every graph concerned, zero-padded to that graph's length (a truncated
+        graph's positions are a prefix of it, its values the same by causality); head calls become one
+        virtual row per token at its position (`_at_positions`)."""
+        parts = [(j, range(max(b.start, tokens.start), min(b.stop, tokens.stop)))
+                 for j, b in enumerate(self.blocks) if b.start < tokens.stop and tokens.start < b.stop]
+        ref = self.graph(parts[-1][0])
+        if any(len(self.graph(j).recorder.calls) != len(ref.recorder.calls) for j, _ in parts):
+            raise MarginscopeError("the exact tier's truncated forwards made different numbers of hooked calls")
+        grads = [self.graph(j).cotangents(part) for j, part in parts]
+        out = []
+        for i, record in enumerate(ref.recorder.calls):
+            if ref.in_head[i]:
+                if grads[-1][i] is not None:
+                    out.append(self._head_use(ref, i, tokens))
+                continue
+            pieces = [self._aligned(self.graph(j), i, g[i], ref) for (j, _), g in zip(parts, grads)]
+            if all(p is None for p in pieces):
+                continue
+            like = next(p for p in pieces if p is not None)
+            pieces = [like.new_zeros(len(part), *like.shape[1:]) if p is None else p
+                      for p, (_, part) in zip(pieces, parts)]
+            out.append((record.call, record.call, torch.cat(pieces)))
+        return out
+
+    @staticmethod
+    def _head_use(ref: _RowGraph, i: int, tokens: range) -> tuple[Call, Call, Tensor]:
+        call, grad = ref.recorder.calls[i].call, ref.single()[1 + sum(ref.in_head[:i])]
+        q = ref.positions(tokens)
+        zeros = torch.zeros_like(q)
+        vcall, vgrad = _at_positions(call, grad, zeros, q, q, grad.shape[1])
+        return call, vcall, vgrad
+
+    @staticmethod
+    def _aligned(graph: _RowGraph, i: int, grad: Tensor | None, ref: _RowGraph) -> Tensor | None:
+        """Cotangents [K, ...] of call i of `graph` padded with zeros to the shape of ref's call i."""
+        mine, theirs = graph.recorder.calls[i], ref.recorder.calls[i]
+        if mine.call.module is not theirs.call.module:
+            raise MarginscopeError("the exact tier's truncated forwards called the hooked modules in different "
+                                   f"orders ({type(mine.call.module).__name__}, {type(theirs.call.module).__name__})")
+        shape = theirs.output.shape
+        if grad is None:
+            return None
+        differ = [d for d in range(1, grad.dim()) if grad.shape[d] != shape[d]]
+        if len(differ) > 1 or (differ and grad.shape[differ[0]] > shape[differ[0]]):
+            raise MarginscopeError(f"{type(mine.call.module).__name__}: the output of a truncated forward "
+                                   f"{list(grad.shape[1:])} is no prefix of the full one's {list(shape[1:])}")
+        if not differ:
+            return grad
+        pad = [0, 0] * (grad.dim() - 1 - differ[0]) + [0, shape[differ[0]] - grad.shape[differ[0]]]
+        return torch.nn.functional.pad(grad, pad)
 
 
 def _tokens_per_chunk(per_token: int, width: int, budget: int) -> int:
@@ -198,27 +389,32 @@ def _blocks(t_w: int, t_l: int, k: int) -> tuple[list[range], list[range]]:
 
 def batched_token_gram(model: nn.Module, rows: Sequence[Row], scope: ParameterScope, *,
                        padding_side: str = "right", pad_id: int = 0, max_tokens_per_chunk: int | None = None,
-                       materialize: bool | None = None) -> TokenGram:
-    """Tier "exact" of the per-token Gram between rows[0] and rows[1] (module doc): one forward per row
-    (batch 1, so `padding_side` plays no part), then per (chosen block, rejected block) of at most
+                       materialize: bool | None = None, truncate: int | None = None) -> TokenGram:
+    """Tier "exact" of the per-token Gram between rows[0] and rows[1] (module doc): per row `truncate`
+    forwards (default: as many as `_truncations` finds cheapest; batch 1, so `padding_side` plays no
+    part), each truncated after the last token of its block of tokens; then per (chosen block, rejected block) of at most
     `max_tokens_per_chunk` tokens (default: as many as `TOKEN_CHUNK_BYTES` allows) one batched backward
-    per row and the block's contraction (`ghost.virtual`; materialize forces its materialized or
-    ghost form, for tests)."""
+    per truncated graph concerned and the block's contraction (`ghost.virtual`; materialize forces its
+    materialized or ghost form, for tests). Returns float64 CPU (G [T_w, T_l], ‖g_w,t‖² [T_w],
+    ‖g_l,s‖² [T_l]); raises MarginscopeError where a scope parameter is not attributable."""
+    if truncate is not None and truncate < 1:
+        raise MarginscopeError(f"truncate must be ≥ 1; got {truncate}")
     plan = attributable_plan(model, scope)
-    graphs = [_row_graph(model, scope, plan, row, pad_id) for row in rows]
+    responses = [_Response(model, scope, plan, row, pad_id, truncate) for row in rows]
     t_w, t_l = len(rows[0][1]), len(rows[1][1])
-    per_token = max(sum(o.numel() * o.element_size() for o in g.outputs) for g in graphs)
+    full = [r.graph(len(r.blocks) - 1) for r in responses]
+    per_token = max(sum(o.numel() * o.element_size() for o, h in zip(g.outputs, g.in_head) if not h) for g in full)
     width = max(len(prompt) + len(response) for prompt, response in rows)
     k = max_tokens_per_chunk or _tokens_per_chunk(per_token, width, TOKEN_CHUNK_BYTES)
     gram = torch.zeros(t_w, t_l, dtype=torch.float64)
     sq_w, sq_l = torch.zeros(t_w, dtype=torch.float64), torch.zeros(t_l, dtype=torch.float64)
     blocks_w, blocks_l = _blocks(t_w, t_l, k)
-    only_l = graphs[1].cotangents(blocks_l[0]) if len(blocks_l) == 1 else None
+    only_l = responses[1].uses(blocks_l[0]) if len(blocks_l) == 1 else None
     for i, bw in enumerate(blocks_w):
-        cot_w = graphs[0].cotangents(bw)
+        uses_w = responses[0].uses(bw)
         for j, bl in enumerate(blocks_l):
-            cot_l = only_l if only_l is not None else graphs[1].cotangents(bl)
-            g, s_w, s_l = _block_gram(graphs, (bw, bl), (cot_w, cot_l), (j == 0, i == 0), scope, materialize)
+            uses_l = only_l if only_l is not None else responses[1].uses(bl)
+            g, s_w, s_l = _block_gram((uses_w, uses_l), (bw, bl), (j == 0, i == 0), scope, materialize)
             gram[bw.start:bw.stop, bl.start:bl.stop] = g
             if j == 0:
                 sq_w[bw.start:bw.stop] = s_w
@@ -227,23 +423,21 @@ def batched_token_gram(model: nn.Module, rows: Sequence[Row], scope: ParameterSc
     return gram, sq_w, sq_l
 
 
-def _block_gram(graphs: Sequence[_RowGraph], blocks: tuple[range, range], cotangents: tuple[list, list],
-                norms: tuple[bool, bool], scope: ParameterScope, materialize: bool | None
+def _block_gram(uses: tuple[list, list], blocks: tuple[range, range], norms: tuple[bool, bool],
+                scope: ParameterScope, materialize: bool | None
                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One block of chosen × rejected tokens: (G [K_w, K_l], ‖g_w‖² [K_w] or None, ‖g_l‖² [K_l] or None),
-    float64 CPU, over every use of every scope parameter in both rows' graphs (a tied parameter's cross
-    terms included), from each graph's cotangents for its block's tokens."""
+    float64 CPU, over every use of every scope parameter on both sides (a tied parameter's cross terms
+    included), from each side's (recorded call, call to factor, cotangents) for its block's tokens."""
     sums = BlockSums(len(blocks[0]), len(blocks[1]), scope.params[0].device, norms=norms, materialize=materialize)
-    uses = [[(r.call, c) for r, c in zip(g.recorder.calls, cot) if c is not None]
-            for g, cot in zip(graphs, cotangents)]
     for side, side_uses in enumerate(uses):
-        for call, _ in side_uses:
+        for call, _, _ in side_uses:
             sums.expect(side, call)
     for n in range(max(map(len, uses))):  # both rows' calls in forward order: a factor is dropped early
         for side, side_uses in enumerate(uses):
             if n < len(side_uses):
-                call, grad = side_uses[n]
-                factors = call.kind.factors(call, grad)
+                call, vcall, grad = side_uses[n]
+                factors = call.kind.factors(vcall, grad)
                 for attr, p in call.params:
                     sums.add(side, p, factors[attr], call)
     out = [t if t is None else t.cpu() for t in sums.norms]
