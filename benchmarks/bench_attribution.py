@@ -50,30 +50,6 @@ def _model(args):
     return peft.get_peft_model(model, config)
 
 
-def _step(model, pairs, opt, mode: str):
-    """One DPO step; returns the in-run result (None for plain)."""
-    import torch.nn.functional as F
-
-    from marginscope.dynamics.inrun import InRunGeometry, score_pairs
-    n = len(pairs)
-    opt.zero_grad(set_to_none=True)
-    geo = None if mode == "plain" else InRunGeometry(model, n_pairs=n, pair_gradients=mode == "attribution")
-    if geo:
-        geo.__enter__()
-    try:
-        logps, _ = score_pairs(model, pairs)
-        if geo:
-            geo.watch(logps)
-        ref = logps.detach() - 1.0
-        loss = -F.logsigmoid(0.1 * ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:]))).mean()
-        loss.backward()
-    finally:
-        if geo:
-            geo.__exit__(None, None, None)
-    opt.step()
-    return geo.result() if geo else None
-
-
 def _record(model, probes, gradients, opt):
     """The record's share: tangents c ⊙ g_j from the optimizer's current state, then their derivatives."""
     from marginscope.dynamics.attribution import pair_tangents
@@ -107,12 +83,12 @@ def main() -> None:
     times: dict[str, list[float]] = {m: [] for m in (*methods, "record")}
     result = None
     for mode in methods:  # warm-up
-        result = _step(model, pairs, opt, mode)
+        result = common.dpo_step(model, pairs, opt, mode)
     for i in range(args.steps):
         order = methods[i % 3:] + methods[:i % 3]
         for mode in order:
             start = time.perf_counter()
-            out = _step(model, pairs, opt, mode)
+            out = common.dpo_step(model, pairs, opt, mode)
             times[mode].append(time.perf_counter() - start)
             if mode == "attribution":
                 result = out

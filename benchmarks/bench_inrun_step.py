@@ -55,27 +55,8 @@ _clock = time.perf_counter
 
 
 def _step(model, pairs, opt, geometry: bool):
-    import torch
-    import torch.nn.functional as F
-
-    from marginscope.dynamics.inrun import InRunGeometry, score_pairs
-    n = len(pairs)
-    opt.zero_grad(set_to_none=True)
-    recorder = InRunGeometry(model, n_pairs=n, params="all") if geometry else None
-    if recorder:
-        recorder.__enter__()
-    try:
-        logps, _ = score_pairs(model, pairs)
-        if recorder:
-            recorder.watch(logps)
-        ref = logps.detach() - 1.0  # a fixed reference offset: any constant works for timing
-        loss = -F.logsigmoid(0.1 * ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:]))).mean()
-        loss.backward()
-    finally:
-        if recorder:
-            recorder.__exit__(None, None, None)
-    opt.step()
-    return recorder.result().cosine.tolist() if recorder else None
+    result = common.dpo_step(model, pairs, opt, "inrun" if geometry else "plain")
+    return result.cosine.tolist() if result else None
 
 
 def _timed(kind: str):

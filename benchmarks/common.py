@@ -79,3 +79,28 @@ def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
+
+def dpo_step(model: torch.nn.Module, pairs: list[EncodedProbe], opt: torch.optim.Optimizer, mode: str = "plain"):
+    """One DPO step (forward of the 2P rows, loss, backward, optimizer step) for timing: mode "plain", "inrun"
+    (inside `InRunGeometry`) or "attribution" (also every pair's gradient materialized); returns the
+    in-run result (None for plain)."""
+    import torch.nn.functional as F
+
+    from marginscope.dynamics.inrun import InRunGeometry, score_pairs
+    n = len(pairs)
+    opt.zero_grad(set_to_none=True)
+    geo = None if mode == "plain" else InRunGeometry(model, n_pairs=n, pair_gradients=mode == "attribution")
+    if geo:
+        geo.__enter__()
+    try:
+        logps, _ = score_pairs(model, pairs)
+        if geo:
+            geo.watch(logps)
+        ref = logps.detach() - 1.0  # a fixed reference offset: any constant works for timing
+        loss = -F.logsigmoid(0.1 * ((logps[:n] - ref[:n]) - (logps[n:] - ref[n:]))).mean()
+        loss.backward()
+    finally:
+        if geo:
+            geo.__exit__(None, None, None)
+    opt.step()
+    return geo.result() if geo else None
