@@ -27,8 +27,8 @@ class CapturedStep:
     """One captured optimizer step: the step number it produces, θ_{t−1} of the scope by name (None
     when not copied: the caller holds it), its parts {part: {name: tensor}} in the parameters'
     dtype (None where the split is unavailable) and, when asked for, the gradient part's coefficient
-    c_t {name: float64 tensor} (parts["gradient"] = c_t ⊙ g_t; parameters the optimizer skipped have
-    none)."""
+    c_t {name: tensor, float32 (float64 for float64 parameters)} (parts["gradient"] = c_t ⊙ g_t;
+    parameters the optimizer skipped have none)."""
 
     step: int
     before: dict[str, Tensor] | None
@@ -59,8 +59,8 @@ class StepCapture:
     """Copies what the step split needs on the optimizer steps `arm(step)` asks for.
 
     scope: the parameters the tracker measures; device: where copies are kept (None: beside each
-    parameter; "cpu" offloads them). Memory while armed: θ_{t−1} and three parts, each one copy of
-    the scope, from the pre-hook until `take`.
+    parameter; "cpu" offloads them). Memory while armed: θ_{t−1}, three parts and, for the attribution,
+    the coefficient c_t, each one copy of the scope, from the pre-hook until `take`.
     """
 
     def __init__(self, optimizer, scope: ParameterScope, *, device: str | torch.device | None = None,
@@ -128,5 +128,6 @@ class StepCapture:
                 for part, value in split.parts.items():
                     parts[part][name] = self._copy(value, p)
                 if coefficient is not None:
-                    coefficient[name] = split.coefficient.to(device=self._device or p.device)
+                    coefficient[name] = split.coefficient.to(
+                        device=self._device or p.device, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
         return CapturedStep(step, before, parts, coefficient)
