@@ -151,8 +151,8 @@ class Displacer:
     """One training pair's share of the attributed steps' gradient part on the probes (nats, summed
     over the steps it was attributed at): `effect` on the response asked for (one probe's, or every
     probe's summed), `effect_other` on the other of chosen/rejected, `share` = effect / Σ_pairs |effect|
-    (signed; the shares' absolute values add up to 1 over all pairs); `cosine` and `case` of the pair itself at its last
-    attributed step; `steps` the steps it was attributed at; `pair` its index in its step's batch (the
+    (signed; the shares' absolute values add up to 1 over all pairs); `cosine` and `case` of the pair
+    itself at its last attributed step; `steps` the steps it was attributed at; `pair` its index in its step's batch (the
     trace's `pair` column) at the last of them."""
 
     pair_id: str
