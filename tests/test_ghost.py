@@ -167,6 +167,34 @@ def test_default_rule_materializes_small_layers_only(make_model, tokenizer, prob
     assert all(_rel(g, e) <= 1e-6 for g, e in zip(fast, exact))
 
 
+def test_zero_cotangent_positions_are_dropped_only_when_they_pay():
+    d = torch.randn(3, 16, 5, dtype=torch.float64)
+    x = torch.randn(3, 16, 4, dtype=torch.float64)
+    d[:, 10:] = 0  # 6 of 16 positions: every row's cotangent zero
+    d[:, 2, 0] = 0  # a candidate (first feature zero) that is not all zero
+    kx, kd = ghost.kinds._nonzero_positions(x, d)
+    assert kd.shape == (3, 10, 5) and torch.equal(kd, d[:, :10]) and torch.equal(kx, x[:, :10])
+    d[:, 11:] = 1.0  # one zero position of 16 (< 1/8): nothing is copied
+    kx, kd = ghost.kinds._nonzero_positions(x, d)
+    assert kx is x and kd is d
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_head_over_every_position_drops_the_unscored_ones(make_model, tokenizer, probes, arch, monkeypatch):
+    # without logits_to_keep the head sees every position, its cotangent zero over prompts and padding
+    model = make_model(arch, tie=arch == "gpt2")
+    scope = select_parameters(model, "all")
+    exact = _chunk_grams(model, tokenizer, probes, scope, exact_gram_chunk, padding_side="left")
+    monkeypatch.setattr(ms.dynamics.scoring, "_keeps_scored_logits", lambda m: False)
+    kept = []
+    real = ghost.kinds._nonzero_positions
+    monkeypatch.setattr(ghost.layers.linear, "_nonzero_positions",
+                        lambda x, d: kept.append((d.shape[1], (r := real(x, d))[1].shape[1])) or r)
+    fast = _chunk_grams(model, tokenizer, probes, scope, ghost_gram_chunk, padding_side="left")
+    assert any(after < before for before, after in kept)  # the head's unscored positions went
+    assert all(_rel(g, e) <= 1e-6 for g, e in zip(fast, exact))
+
+
 class ReusedHeadLM(nn.Module):
     """Adds a direct functional use of lm_head.weight next to the lm_head module call."""
 

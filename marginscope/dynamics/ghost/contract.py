@@ -1,9 +1,11 @@
 """Contractions: [G, R, R] float64 Grams between two factors over the rows of G groups.
 
 `rows` is [G, R]: G groups of R rows each, contracted at once (batched matrix products). For two
-outer factors ⟨G_a, G'_b⟩ = Σ_{t,s} (l_a,t · l'_b,s)(m_a,t · m'_b,s); a layer materializes D_rᵀX_r
-instead when that takes fewer multiply-adds, R·T·S·(dim_l + dim_m) > (T + S)·dim_l·dim_m for R rows per
-group (`_materializes`; benchmarks/bench_materialize_switch.py).
+outer factors ⟨G_a, G'_b⟩ = Σ_{t,s} (l_a,t · l'_b,s)(m_a,t · m'_b,s), one [G, T, S] block per row pair
+(a, b) of the groups — only a ≤ b for a factor with itself, whose Gram is symmetric — on views of the
+factors' rows where the groups' a-th rows are evenly spaced (a chunk's probes, TRL's pairs); a layer
+materializes D_rᵀX_r instead when that takes fewer multiply-adds, R·T·S·(dim_l + dim_m) >
+(T + S)·dim_l·dim_m for R rows per group (`_materializes`; benchmarks/bench_materialize_switch.py).
 """
 
 from __future__ import annotations
@@ -23,19 +25,24 @@ def _row_blocks(t: Tensor, rows: Tensor) -> Tensor:
     return t[rows]
 
 
-def _flat_l(o: Outer, rows: Tensor) -> Tensor:
-    """l of each group's rows over (row, token): [G, R·T, dim_l], or [G, R·T] ids."""
-    l = _row_blocks(o.l, rows).flatten(1, 2)
-    return l if o.ids else _wide(l)
+def _row_column(t: Tensor, rows: Tensor) -> Tensor:
+    """t[rows] ([G, ...]) for one row of each group (rows [G]): a view, no copy, when the rows are evenly
+    spaced (every R-th row of a chunk's probes; TRL's chosen or rejected half)."""
+    first, n = int(rows[0]), rows.numel()
+    step = int(rows[1]) - first if n > 1 else 1
+    if step > 0 and torch.equal(rows, torch.arange(first, first + step * n, step, device=rows.device)):
+        return t[first:first + step * (n - 1) + 1:step]
+    return t[rows]
 
 
 def _flat_m(o: Outer, rows: Tensor) -> Tensor:
+    """m of each group's rows over (row, token): [G, R·T, dim_m]."""
     return _wide(_row_blocks(o.m, rows).flatten(1, 2))
 
 
 def _column_index(o: Outer, ids: Tensor) -> Tensor:
     """Where token ids fall among the columns of a dense l (all of them, or `o.columns`)."""
-    return ids if o.columns is None else torch.searchsorted(o.columns, ids)
+    return ids if o.columns is None else torch.searchsorted(o.columns, ids.contiguous())
 
 
 def _pick_columns(l: Tensor, idx: Tensor) -> Tensor:
@@ -43,10 +50,9 @@ def _pick_columns(l: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(l, 2, idx[:, None, :].expand(-1, l.shape[1], -1))
 
 
-def _l_gram(u: Outer, v: Outer, rows: Tensor) -> Tensor:
-    """[G, R·T, R·S] l_u,t · l_v,s; a one-hot side picks columns of the other: l[:, id]."""
-    lu = _flat_l(u, rows)
-    lv = lu if v is u else _flat_l(v, rows)
+def _l_block(u: Outer, v: Outer, lu: Tensor, lv: Tensor) -> Tensor:
+    """[G, T, S] float64 l_u,t · l_v,s of one row of each group (lu [G, T, dim_l] or ids [G, T], lv
+    likewise); a one-hot side picks columns of the other: l[:, id]."""
     if u.ids and v.ids:
         return _f64(lu[:, :, None] == lv[:, None, :])
     if v.ids:
@@ -80,11 +86,23 @@ def _outer_gram(u: Outer, v: Outer, rows: Tensor, materialize: bool | None) -> T
     if _materializes(u, v, materialize, rows.shape[1]):
         a = _materialized(u, rows)
         return a @ (a if v is u else _materialized(v, rows)).mT
-    (g, r), t, s = rows.shape, u.m.shape[1], v.m.shape[1]
-    mu = _flat_m(u, rows)
-    mv = mu if v is u else _flat_m(v, rows)
-    k = _l_gram(u, v, rows) * _f64(mu @ mv.mT)
-    return k.view(g, r, t, r, s).sum((2, 4))
+    g, r = rows.shape
+    columns = [rows[:, a] for a in range(r)]
+
+    def sides(o: Outer) -> list[tuple[Tensor, Tensor]]:
+        return [(_row_column(o.l, c) if o.ids else _wide(_row_column(o.l, c)), _wide(_row_column(o.m, c)))
+                for c in columns]
+
+    su = sides(u)
+    sv = su if v is u else sides(v)
+    out = torch.empty(g, r, r, dtype=torch.float64, device=u.m.device)
+    for a in range(r):
+        for b in range(a if v is u else 0, r):
+            (lu, mu), (lv, mv) = su[a], sv[b]
+            out[:, a, b] = (_l_block(u, v, lu, lv) * _f64(mu @ mv.mT)).sum((1, 2))
+            if v is u:
+                out[:, b, a] = out[:, a, b]
+    return out
 
 
 def _dense_outer_gram(d: Dense, o: Outer, rows: Tensor) -> Tensor:
