@@ -267,7 +267,8 @@ class Tracker:
         self._inrun = [replace(e, step=step) if e.step is None else e for e in self._inrun]
         if self._closed:
             return False
-        if "in_run" in self.guard.agree():  # its rows of this step exist on some ranks only
+        self.guard.agree()
+        if not self.inrun_active:  # it failed during this step (on some rank): its rows exist on some ranks only
             self._inrun = [e for e in self._inrun if e.step != step]
         recorded = not (step % self.every or step == self._last_step)
         if recorded:
@@ -277,6 +278,12 @@ class Tracker:
         self._flush_inrun()
         self._arm_capture(step + 1)
         return recorded
+
+    @property
+    def inrun_active(self) -> bool:
+        """Whether in-run rows are still taken: the in-run measurement has not failed (on any rank, as of
+        the last `step()`) and the tracker is open."""
+        return self.guard.active("in_run") and not self._closed
 
     @property
     def snapshot_device(self) -> str | torch.device | None:
@@ -326,7 +333,9 @@ class Tracker:
     def on_inrun_pairs(self, step: int | None, pairs: InRunPairs, logp_w: np.ndarray, logp_l: np.ndarray, *,
                        examples: Sequence[EncodedProbe] | None = None) -> None:
         """Sink for in-run geometry computed elsewhere (the TRL mixin); step None = the next `step()`;
-        examples as in `in_run`."""
+        examples as in `in_run`. Ignored once the in-run measurement is off (`inrun_active`)."""
+        if not self.inrun_active:
+            return
         self._inrun.append(_InRunRows(step, pairs, np.asarray(logp_w, dtype=np.float64),
                                       np.asarray(logp_l, dtype=np.float64), examples))
 

@@ -87,6 +87,17 @@ class TrackerCallback(TrainerCallback):
         if self.tracker is not None:
             self.tracker.on_inrun_pairs(step, pairs, logp_w, logp_l, examples=examples)
 
+    @property
+    def inrun_active(self) -> bool:
+        """Whether the tracker takes in-run geometry (started, and its in-run measurement not switched off)."""
+        return self.tracker is not None and self.tracker.inrun_active
+
+    def on_inrun_failed(self, err: BaseException) -> None:
+        """The in-run geometry failed on this rank (from `InRunMixin`): the tracker's in-run measurement is
+        switched off, on every rank at its next `step()`."""
+        if self.tracker is not None:
+            self.tracker.guard.fail("in_run", err)
+
     def wants_pair_gradients(self, n_pairs: int) -> bool:
         """Whether the coming micro-batch should deliver its pairs' gradients (`Tracker.wants_pair_gradients`)."""
         return self.tracker is not None and self.tracker.wants_pair_gradients(n_pairs)

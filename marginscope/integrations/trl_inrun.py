@@ -32,10 +32,17 @@ removed after each step. An error inside the geometry is logged once on the "mar
 turns the in-run geometry off for the rest of the run; training goes on. Errors raised by a callback's
 `on_inrun_pairs` are the callback's and propagate, as with any Trainer callback.
 
+Under accelerate's FSDP2 plugin (`fsdp_version: 2`) each rank hooks its own micro-batch as above: its
+rows are whole on that rank and the hooks read the full-shape parameters FSDP2 registers during the
+step, so the hooks run no collective (each rank's scale is its own loss's, a mean over its own rows).
+A failure turns the geometry off on its rank and is passed to the callbacks that have
+`on_inrun_failed(err)`; the tracker's then switches its in-run measurement off on every rank at its
+next step, and callbacks whose `inrun_active` is False are no longer delivered to.
+
 Not supported (the geometry turns itself off with a logged reason): MoE auxiliary loss
 (`router_aux_loss_coef`), pre-shifted labels (context/sequence parallelism), prompt-learning PEFT,
-FSDP and DeepSpeed ZeRO-3 (sharded parameters), reentrant gradient checkpointing, a forward that does
-not go through TRL's fused head. With `ld_alpha`, a row whose tokens get different gradients (the
+FSDP1 and DeepSpeed ZeRO-3 (flat or partitioned parameters; use FSDP2), reentrant gradient
+checkpointing, a forward that does not go through TRL's fused head. With `ld_alpha`, a row whose tokens get different gradients (the
 longer response of a pair) is NaN.
 """
 
@@ -55,6 +62,7 @@ from ..dynamics.ghost import FunctionalHead, LogitTransform, in_backward
 from ..dynamics.inrun import InRunGeometry, InRunPairs
 from ..dynamics.scoring import EncodedProbe
 from ..errors import MarginscopeError
+from .fsdp import ALTERNATIVE as FSDP_ALTERNATIVE
 
 logger = logging.getLogger("marginscope")
 
@@ -247,24 +255,33 @@ class InRunMixin:
                                         logp_w, logp_l)
 
     def _inrun_listeners(self) -> list:
+        """The callbacks with `on_inrun_pairs`, less those whose `inrun_active` is False (a tracker whose
+        in-run measurement is off, e.g. after another rank's failure)."""
         handler = getattr(self, "callback_handler", None)
-        return [cb for cb in getattr(handler, "callbacks", ()) if callable(getattr(cb, "on_inrun_pairs", None))]
+        return [cb for cb in getattr(handler, "callbacks", ())
+                if callable(getattr(cb, "on_inrun_pairs", None)) and getattr(cb, "inrun_active", True)]
 
     def _inrun_fail(self, err: BaseException) -> None:
+        """Turn the in-run geometry off on this rank and tell the callbacks that have `on_inrun_failed(err)`
+        (the tracker's, which then switches its in-run measurement off on every rank at its next step)."""
         if not self._inrun_disabled:
             self._inrun_disabled = True
             logger.warning("in-run geometry turned off for the rest of the run (training is unaffected): %s: %s",
                            type(err).__name__, err, exc_info=err)
+            handler = getattr(self, "callback_handler", None)
+            for callback in getattr(handler, "callbacks", ()):
+                if callable(getattr(callback, "on_inrun_failed", None)):
+                    callback.on_inrun_failed(err)
 
     def _inrun_refusal(self) -> str | None:
         if getattr(self, "aux_loss_enabled", False):
             return "the MoE auxiliary loss adds router gradients that are not per-row ∇log π"
-        if getattr(self, "is_fsdp_enabled", False):
-            return "FSDP shards the parameters"
+        if getattr(self, "is_fsdp_enabled", False) and not getattr(self.accelerator, "is_fsdp2", False):
+            return f"FSDP1 (FullyShardedDataParallel) is not supported; {FSDP_ALTERNATIVE}"
         plugin = getattr(getattr(self, "accelerator", None), "state", None)
         plugin = getattr(plugin, "deepspeed_plugin", None)
         if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
-            return "DeepSpeed ZeRO-3 shards the parameters"
+            return f"DeepSpeed ZeRO-3 partitioned parameters are not supported; {FSDP_ALTERNATIVE}"
         return None
 
     def _inrun_open(self, model: nn.Module, inputs: dict, listeners: list) -> _Step | None:

@@ -176,8 +176,19 @@ class GhostCollector(CallRecorder):
         head's terms from g = that gradient at the scored positions (`mask` [B, T]). Call during the
         forward, after token_logps is computed; returns False when the head holds no scope parameter."""
         names = {id(p) for p in self.scope.params}
-        params = [(a, p) for a in ("weight", "bias")
-                  if isinstance(p := getattr(head.module, a, None), nn.Parameter) and id(p) in names]
+        planned = dict(self.plan[head.module][1]) if head.module in self.plan else {}
+        params = []
+        for a in ("weight", "bias"):
+            current = getattr(head.module, a, None)
+            if not isinstance(current, nn.Parameter):
+                continue
+            # the scope's parameter the plan found on the module; under FSDP2 the module holds its
+            # unsharded stand-in during the forward, which the graph then uses (see `_post`)
+            p = planned.get(a, current)
+            if id(p) in names:
+                params.append((a, p))
+                if current is not p:
+                    self._alias[id(current)] = id(p)
         if not params:
             return False
         weight = getattr(head.module, "weight", None)
