@@ -12,7 +12,7 @@ timed on the same rows, in one process, the methods alternated and repeated (`--
            output) — the least work any method that needs every layer's inputs and output
            cotangents must do
   floor-b  a training step's forward + full backward (parameter gradients into .grad) on the rows
-Printed per method: median seconds (wall-clock, or with `--clock cpu` this process's CPU time),
+Printed per method: median seconds (wall-clock, or with `--clock cpu|user` this process's CPU time),
 speed-up over naive, and the ratios to floor (a) and floor (b).
 
 Models: `gpt2` (GPT-2-small shape, random init, vocab 50257) or `smollm2` (the real
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,9 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall-clock seconds, or this process's CPU seconds (all its threads; less sensitive "
-                        "to other jobs on a shared machine, best with --threads 1)")
+    p.add_argument("--clock", choices=common.CLOCKS, default="wall", help=common.CLOCK_HELP)
     return p
 
 
@@ -145,7 +142,7 @@ def main() -> None:
            "floor-b": _floor_b}
     methods = args.methods.split(",")
     times: dict[str, list[float]] = {m: [] for m in methods}
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    clock = common.clock(args.clock)
     grams = {}
     for m in methods:  # warm-up on one probe, untimed
         run[m](model, probes[:1], 1)

@@ -34,9 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="plain,inrun,naive")
     p.add_argument("--alternate", action="store_true",
                    help="time plain and inrun steps alternated in one process (robust to machine load)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall-clock seconds, or the worker's CPU seconds (all its threads; less sensitive to "
-                        "other jobs on a shared machine, best with OMP_NUM_THREADS=1)")
+    p.add_argument("--clock", choices=common.CLOCKS, default="wall", help=common.CLOCK_HELP)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -47,7 +45,7 @@ def _setup(args):
     pairs = common.random_probes(args.pairs, 2, args.prompt_len, args.response_len, model.config.vocab_size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     global _clock
-    _clock = time.perf_counter if args.clock == "wall" else time.process_time
+    _clock = common.clock(args.clock)
     return model, pairs, opt, args.steps
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--response-len", type=int, default=64)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    p.add_argument("--clock", choices=common.CLOCKS, default="wall", help=common.CLOCK_HELP)
     return p
 
 
@@ -109,7 +108,7 @@ def main() -> None:
     probes = common.random_probes(args.probes, args.responses, args.prompt_len, args.response_len,
                                   model.config.vocab_size)
     leaves = _Leaves(model)
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    clock = common.clock(args.clock)
     run = {"full": _full, "shared": _shared}
     out = {m: f(model, probes, leaves) for m, f in run.items()}  # warm-up, and the exactness check
     n, r, p = args.probes, args.responses, args.prompt_len

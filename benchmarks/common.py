@@ -49,6 +49,23 @@ def naive_gram(model: torch.nn.Module, probes: list[EncodedProbe]) -> list[torch
     return grams
 
 
+CLOCKS = ("wall", "cpu", "user")
+CLOCK_HELP = ("wall-clock seconds; 'cpu': this process's CPU seconds, user + system, all its threads (less "
+              "sensitive to other jobs on a shared machine, best with one thread); 'user': its user CPU seconds "
+              "only, without the kernel's time for page faults (methods alternated in one process fault in "
+              "memory the previous method's allocation pattern gave back to the OS, which a run repeating one "
+              "method does not pay)")
+
+
+def clock(name: str) -> Callable[[], float]:
+    """The timer of `--clock name` (one of CLOCKS)."""
+    if name == "wall":
+        return time.perf_counter
+    if name == "cpu":
+        return time.process_time
+    return lambda: resource.getrusage(resource.RUSAGE_SELF).ru_utime
+
+
 def rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
