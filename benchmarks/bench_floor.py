@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--clock", choices=common.CLOCKS, default="wall", help=common.CLOCK_HELP)
+    p.add_argument("--steady", action="store_true",
+                   help="run each method once more, untimed, right before each timed run, so that it is timed "
+                        "in its own steady state (memory already faulted in by its own allocation pattern)")
     return p
 
 
@@ -148,6 +151,8 @@ def main() -> None:
         run[m](model, probes[:1], 1)
     for rep in range(args.repeat):
         for m in methods if rep % 2 == 0 else methods[::-1]:  # alternate the order between repeats
+            if args.steady:
+                run[m](model, probes, args.batch_size)
             start = clock()
             out = run[m](model, probes, args.batch_size)
             times[m].append(clock() - start)
@@ -156,7 +161,8 @@ def main() -> None:
     med = {m: statistics.median(t) for m, t in times.items()}
     print(f"probe Gram vs floors · {label} · {args.probes} probes × {args.responses} responses · prompt "
           f"{args.prompt_len} + response {args.response_len} tokens · chunks of {args.batch_size} probes · "
-          f"full scope · fp32 CPU · {args.clock} seconds, median of {args.repeat}, methods alternated")
+          f"full scope · fp32 CPU · {args.clock} seconds, median of {args.repeat}, methods alternated"
+          f"{' (each after an untimed run of itself)' if args.steady else ''}")
     print(f"machine: {common.machine()}")
     head = f"{'method':8} {'median s':>9} {'runs s':>24} {'× naive':>8}"
     head += "".join(f" {'÷ ' + f:>9}" for f in ("floor-a", "floor-b") if f in med)

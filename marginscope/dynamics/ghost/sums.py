@@ -23,8 +23,8 @@ class GramSums:
     so a parameter used by several calls (∇θ_r = Σ_u ∇θ_r^u) gets the cross terms of its uses. All of
     a parameter's uses are announced by `expect` before the first of their factors is added; a use's
     factor is kept for the cross terms only while other uses of its parameter are pending (`_compact`).
-    Groups of equal size are contracted together (batched), in blocks of at most `BATCH_ELEMENTS`
-    entries of their [R·T, R·S] token Grams."""
+    Groups of equal size are contracted together (batched), so many at once that their row pairs' token
+    Grams ([T, S] each, R² of them per group) hold at most `BATCH_ELEMENTS` entries together."""
 
     BATCH_ELEMENTS = 1 << 25
 
