@@ -525,9 +525,10 @@ def _prepare_out_dir(config: TrainConfig, *, resuming: bool, main: bool) -> Path
 def _run_signature(config: TrainConfig, data: ProbeSet, order: DataOrder, model: PreTrainedModel,
                    world_size: int) -> dict[str, Any]:
     """What a resumed run must share with its checkpoint."""
-    return {**{name: getattr(config, name) for name in _RUN_FIELDS}, "data": data.fingerprint(),
-            "total_pairs": order.total_pairs, "dtype": str(next(model.parameters()).dtype),
-            "world_size": world_size}
+    # the number of processes first: it changes the run length in pairs too, and is the one to name
+    return {"world_size": world_size, **{name: getattr(config, name) for name in _RUN_FIELDS},
+            "data": data.fingerprint(), "total_pairs": order.total_pairs,
+            "dtype": str(next(model.parameters()).dtype)}
 
 
 def _check_same_run(checkpoint: Path, saved: dict[str, Any], run: dict[str, Any]) -> None:

@@ -218,3 +218,6 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     by_name = {"state": {names[i]: s for i, s in state["state"].items()},
                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        # the hyper-parameters as saved: torch's flattening of the state dict turns tuples (betas) into lists
+        group.update({k: v for k, v in saved.items() if k != "params"})

@@ -42,6 +42,20 @@ PAIRS = ProbeSet.from_records([
 ], source="pairs")
 
 
+def model_and_tokenizer():
+    """The initial policy (tiny GPT-2: tied embeddings, dropout 0.1, float32) and its tokenizer."""
+    tokenizer = build_tokenizer()
+    return build_model("gpt2", tokenizer, dtype=torch.float32, dropout=0.1), tokenizer
+
+
+def config(out: Path, name: str, *, fsdp: bool, resume: str | Path | None = None) -> TrainConfig:
+    """Run `name`'s settings: accumulation, warmup, clipping, weight decay, the tracker every 2 steps."""
+    return TrainConfig(data=PAIRS, probes=PAIRS[:3], trace=out / f"{name}.h5", every=2, loss="dpo",
+                       hparams={"beta": 0.5}, steps=STEPS, batch_size=2, grad_accum=2, lr=1e-3, warmup_steps=1,
+                       max_grad_norm=1.0, weight_decay=0.01, out_dir=out / name, checkpoint_every=2, fsdp=fsdp,
+                       resume=resume)
+
+
 def run(out: Path, name: str, *, fsdp: bool, resume_from: str | None = None) -> None:
     """Run `name`; with `resume_from`, first copy that run's checkpoint-2 and trace (rank 0)."""
     if resume_from is not None:
@@ -49,13 +63,9 @@ def run(out: Path, name: str, *, fsdp: bool, resume_from: str | None = None) -> 
             shutil.copytree(out / resume_from / "checkpoint-2", out / name / "checkpoint-2")
             shutil.copy(out / f"{resume_from}.h5", out / f"{name}.h5")
         torch.distributed.barrier()
-    tokenizer = build_tokenizer()
-    model = build_model("gpt2", tokenizer, dtype=torch.float32, dropout=0.1)  # tied embeddings, dropout
-    config = TrainConfig(data=PAIRS, probes=PAIRS[:3], trace=out / f"{name}.h5", every=2, loss="dpo",
-                         hparams={"beta": 0.5}, steps=STEPS, batch_size=2, grad_accum=2, lr=1e-3, warmup_steps=1,
-                         max_grad_norm=1.0, weight_decay=0.01, out_dir=out / name, checkpoint_every=2, fsdp=fsdp,
-                         resume=None if resume_from is None else "latest")
-    result = train(config, model=model, tokenizer=tokenizer)
+    model, tokenizer = model_and_tokenizer()
+    result = train(config(out, name, fsdp=fsdp, resume=None if resume_from is None else "latest"),
+                   model=model, tokenizer=tokenizer)
     params = {k: full(v).detach().clone() for k, v in result.model.state_dict().items()}
     if result.rank == 0:
         torch.save({**params, "history": [asdict(h) for h in result.history]}, out / f"{name}.pt")
