@@ -79,7 +79,9 @@ class TrainConfig:
     cuda when available, else cpu). convention, max_length, truncation_mode, add_eos: how pairs and
     probes become token ids (`marginscope.conventions`; default "trl", as TRL 1.x's DPOTrainer).
     fsdp: shard the model with FSDP2 (`fully_shard` on each decoder block and the root) instead of DDP;
-    needs torchrun with 2 or more processes; checkpoints (out_dir, resume) are not written for it.
+    needs torchrun with 2 or more processes. Its checkpoints hold the full (unsharded) model and optimizer
+    state in the same layout as unsharded runs, so a sharded run resumes from an unsharded (DDP)
+    checkpoint of the same number of processes and vice versa.
     """
 
     data: str | Path | ProbeSet
@@ -624,7 +626,8 @@ class _Loop:
     world_size · Σᵢ ℓᵢ / n_step, which DDP's gradient average turns into the mean over the step's pairs.
     A process whose share of a short last round is empty back-propagates one pair with weight 0, so
     the gradient all-reduce still meets every process. Logged losses and margins are gathered from all
-    processes; the main process writes checkpoints (with every process's RNG state).
+    processes; the main process writes checkpoints (with every process's RNG state; under FSDP2 the full
+    model and optimizer state, which every process helps gather).
     """
 
     def __init__(self, config: TrainConfig, setup: _Setup, ref_logp: Tensor, optimizer: torch.optim.Optimizer,
