@@ -161,17 +161,6 @@ def no_gradient_sync(model: nn.Module) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
-def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """The names (`model.named_parameters()`) of the optimizer's parameters, in its param_groups order:
-    the index of a parameter in `optimizer.state_dict()` is its position here."""
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    missing = [i for i, p in enumerate(params) if id(p) not in name_of]
-    if missing:
-        raise MarginscopeError(f"optimizer parameter {missing[0]} is not a parameter of {type(model).__name__}")
-    return [name_of[id(p)] for p in params]
-
-
 def full_checkpoint(model: nn.Module,
                     optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
     """The whole state of FSDP2-sharded `model` and its `optimizer`, for a checkpoint: every DTensor
@@ -180,12 +169,10 @@ def full_checkpoint(model: nn.Module,
     Rank 0 gets (the model's state_dict: {name: full tensor of the parameter's shape}, tied parameters
     sharing one tensor as in an unsharded state_dict; the optimizer's state_dict in
     `optimizer.state_dict()`'s own format: state keyed by parameter index in param_groups order, full
-    tensors, so an unsharded optimizer over the same parameters loads it); the other ranks get None.
-    Raises MarginscopeError when an optimizer parameter is not one of the model's."""
+    tensors, so an unsharded optimizer over the same parameters loads it); the other ranks get None."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    names = _parameter_names(model, optimizer)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
     by_name = get_optimizer_state_dict(model, optimizer, options=options)
@@ -195,8 +182,10 @@ def full_checkpoint(model: nn.Module,
     for name, param in model.named_parameters(remove_duplicate=False):
         # tied parameters (one DTensor under several names) are gathered once per name; share one tensor
         # again, as in the unsharded state_dict, so save_pretrained drops the tied copies as it does there
-        model_state[name] = model_state[first.setdefault(id(param), name)]
-    index = {name: i for i, name in enumerate(names)}
+        if name in model_state:
+            model_state[name] = model_state[first.setdefault(id(param), name)]
+    # torch names the parameters in the optimizer's order: a parameter's index is its position there
+    index = {name: i for i, name in enumerate(n for g in by_name["param_groups"] for n in g["params"])}
     return model_state, {"state": {index[n]: s for n, s in by_name["state"].items()},
                          "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
                                           for g in by_name["param_groups"]]}
@@ -209,9 +198,11 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     `full_state_dict=True`; no broadcast from rank 0, every rank has the whole state). Collective:
     every rank calls it, before the first backward. Raises MarginscopeError when the state's parameter
     indices are not the optimizer's."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
 
-    names = _parameter_names(model, optimizer)
+    # torch's names of the optimizer's parameters in its order (this rank's view, no collective)
+    names = [n for g in get_optimizer_state_dict(model, optimizer)["param_groups"] for n in g["params"]]
     indices = sorted(i for g in state["param_groups"] for i in g["params"])
     if indices != list(range(len(names))):
         raise MarginscopeError(f"the optimizer state is for {len(indices)} parameters; this optimizer has {len(names)}")
