@@ -45,7 +45,7 @@ from .dynamics.measure import check_options
 from .dynamics.scoring import EncodedProbe, model_max_length, sequence_logp
 from .errors import MarginscopeError
 from .integrations.distributed import gather_to_main, world
-from .integrations.fsdp import no_gradient_sync, shard_model
+from .integrations.fsdp import full_checkpoint, load_full_optimizer_state, no_gradient_sync, shard_model
 from .loading import DTYPES, load_model, load_tokenizer
 from .probes import ProbeSet
 from .probes import load as load_probes
@@ -79,7 +79,9 @@ class TrainConfig:
     cuda when available, else cpu). convention, max_length, truncation_mode, add_eos: how pairs and
     probes become token ids (`marginscope.conventions`; default "trl", as TRL 1.x's DPOTrainer).
     fsdp: shard the model with FSDP2 (`fully_shard` on each decoder block and the root) instead of DDP;
-    needs torchrun with 2 or more processes; checkpoints (out_dir, resume) are not written for it.
+    needs torchrun with 2 or more processes. Its checkpoints hold the full (unsharded) model and optimizer
+    state in the same layout as unsharded runs, so a sharded run resumes from an unsharded (DDP)
+    checkpoint of the same number of processes and vice versa.
     """
 
     data: str | Path | ProbeSet
@@ -144,8 +146,6 @@ class TrainConfig:
             raise MarginscopeError("probes and trace go together: give both to track the run, or neither")
         if self.per_token is not None and self.probes is None:
             raise MarginscopeError("per_token needs probes (and a trace): it is a per-probe measurement")
-        if self.fsdp and (self.out_dir is not None or self.resume is not None):
-            raise MarginscopeError("fsdp: sharded runs write no checkpoints yet; drop out_dir and resume")
         if self.out_dir is None and (self.checkpoint_every is not None or self.resume == "latest"):
             what = "checkpoint_every" if self.checkpoint_every is not None else "resume='latest'"
             raise MarginscopeError(f"{what} needs out_dir, the folder that holds the checkpoints")
@@ -340,7 +340,10 @@ class _Setup:
             ref_logp = _reference_logp(self.loss_fn, ref, self.encoded, config.batch_size, pad_id)
             start, history = 0, []
         else:
-            optimizer.load_state_dict(self.state["optimizer"])
+            if config.fsdp:
+                load_full_optimizer_state(self.model, optimizer, self.state["optimizer"])
+            else:
+                optimizer.load_state_dict(self.state["optimizer"])
             scheduler.load_state_dict(self.state["scheduler"])
             ref_logp, start = self.state["ref_logp"], self.state["step"]
             history = [StepLog(**h) for h in self.state["history"]]
@@ -524,9 +527,10 @@ def _prepare_out_dir(config: TrainConfig, *, resuming: bool, main: bool) -> Path
 def _run_signature(config: TrainConfig, data: ProbeSet, order: DataOrder, model: PreTrainedModel,
                    world_size: int) -> dict[str, Any]:
     """What a resumed run must share with its checkpoint."""
-    return {**{name: getattr(config, name) for name in _RUN_FIELDS}, "data": data.fingerprint(),
-            "total_pairs": order.total_pairs, "dtype": str(next(model.parameters()).dtype),
-            "world_size": world_size}
+    # the number of processes first: it changes the run length in pairs too, and is the one to name
+    return {"world_size": world_size, **{name: getattr(config, name) for name in _RUN_FIELDS},
+            "data": data.fingerprint(), "total_pairs": order.total_pairs,
+            "dtype": str(next(model.parameters()).dtype)}
 
 
 def _check_same_run(checkpoint: Path, saved: dict[str, Any], run: dict[str, Any]) -> None:
@@ -542,13 +546,14 @@ def _check_same_run(checkpoint: Path, saved: dict[str, Any], run: dict[str, Any]
 
 
 def _save_checkpoint(path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                     state: dict[str, Any]) -> Path:
+                     state: dict[str, Any], model_state: dict[str, Tensor] | None = None) -> Path:
     """Write `path` (model + tokenizer via save_pretrained, `state` as trainer_state.pt) atomically:
-    a hidden temp folder renamed into place, so an interrupted save never looks like a checkpoint."""
+    a hidden temp folder renamed into place, so an interrupted save never looks like a checkpoint.
+    `model_state`: the weights to save instead of the model's own (the full ones of a sharded model)."""
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / STATE_FILE)
     if path.exists():
@@ -621,7 +626,8 @@ class _Loop:
     world_size · Σᵢ ℓᵢ / n_step, which DDP's gradient average turns into the mean over the step's pairs.
     A process whose share of a short last round is empty back-propagates one pair with weight 0, so
     the gradient all-reduce still meets every process. Logged losses and margins are gathered from all
-    processes; the main process writes checkpoints (with every process's RNG state).
+    processes; the main process writes checkpoints (with every process's RNG state; under FSDP2 the full
+    model and optimizer state, which every process helps gather).
     """
 
     def __init__(self, config: TrainConfig, setup: _Setup, ref_logp: Tensor, optimizer: torch.optim.Optimizer,
@@ -714,15 +720,18 @@ class _Loop:
         return step == self.order.steps or (every is not None and step % every == 0)
 
     def save(self, step: int) -> Path:
-        """`out_dir/checkpoint-<step>` (every process calls this; the main one writes)."""
+        """`out_dir/checkpoint-<step>` (every process calls this; the main one writes). A sharded model's
+        checkpoint holds its full weights and optimizer state, gathered by every process."""
         path = self.out_dir / f"checkpoint-{step}"
+        gathered = full_checkpoint(self.model, self.optimizer) if self.config.fsdp else None
         rng = gather_to_main(_rng_state())
         if rng is not None:
+            model_state, optimizer = gathered if gathered is not None else (None, self.optimizer.state_dict())
             state = {"step": step, "pairs_seen": min(step * self.order.per_step, self.order.total_pairs),
-                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                      "rng": rng, "ref_logp": self.ref_logp.cpu(), "run": self.run_signature,
                      "history": [asdict(h) for h in self.history], "config": self.config.describe()}
-            _save_checkpoint(path, self.model, self.tokenizer, state)
+            _save_checkpoint(path, self.model, self.tokenizer, state, model_state)
         _barrier()
         return path
 

@@ -131,7 +131,7 @@ MISTAKES = {
     "trace folder missing": (lambda m, f, t: ["-o", str(t / "no" / "run.h5")], "does not exist"),
     "nothing to resume": (lambda m, f, t: ["--resume"], "no checkpoint-<step> folder to resume from"),
     "resume twice": (lambda m, f, t: ["--resume", "--resume-from", str(t)], "not both"),
-    "fsdp with checkpoints": (lambda m, f, t: ["--fsdp"], "fsdp: sharded runs write no checkpoints yet"),
+    "fsdp in one process": (lambda m, f, t: ["--fsdp"], "fsdp: launch with torchrun --nproc_per_node N"),
 }
 
 

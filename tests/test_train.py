@@ -3,13 +3,19 @@ accumulation matches one big batch, resumed runs equal uninterrupted ones bit fo
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 import marginscope as ms
 from marginscope.demo.tiny import save_tiny
@@ -265,3 +271,100 @@ def test_python_recipe_in_the_docs_runs(tmp_path, monkeypatch):
     np.testing.assert_array_equal(tr.steps, [0, 5, 10])
     assert len(tr.inrun()["step"]) == 20
     tr.close()
+
+
+# --- FSDP2-sharded runs (tests/scripts/sharded_train.py under torchrun, 2 gloo processes) ---------------
+
+SHARDED_SCRIPT = Path(__file__).parent / "scripts" / "sharded_train.py"
+
+
+def _sharded_script():
+    spec = importlib.util.spec_from_file_location("sharded_train", SHARDED_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """The runs of sharded_train.py: full, cut (resumed sharded), ddp (resumed with DDP), ddp-full, from-ddp."""
+    out = tmp_path_factory.mktemp("sharded-train")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run([*launcher, str(SHARDED_SCRIPT), "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+def _saved(path: Path) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    saved = torch.load(path, weights_only=True)
+    return {k: v for k, v in saved.items() if k != "history"}, saved["history"]
+
+
+def test_sharded_resume_equals_the_uninterrupted_sharded_run(sharded):
+    full, full_log = _saved(sharded / "full.pt")
+    cut, cut_log = _saved(sharded / "cut.pt")
+    _assert_same_params(full, cut)
+    assert cut_log == full_log and [h["step"] for h in cut_log] == [1, 2, 3, 4]
+    a, b = (torch.load(sharded / run / "checkpoint-4" / "trainer_state.pt", weights_only=True) for run in ("full", "cut"))
+    assert b["history"] == a["history"] and b["scheduler"] == a["scheduler"]
+    assert b["optimizer"]["param_groups"] == a["optimizer"]["param_groups"]
+    for index, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(b["optimizer"]["state"][index][key], value), (index, key)
+    for rank, rng in enumerate(a["rng"]):
+        assert torch.equal(b["rng"][rank]["cpu"], rng["cpu"]), rank
+    with ms.trace.open(sharded / "full.h5") as x, ms.trace.open(sharded / "cut.h5") as y:
+        np.testing.assert_array_equal(y.steps, [0, 2, 4])
+        np.testing.assert_array_equal(x.steps, y.steps)
+        # actual_delta is not compared: like an unsharded resume, the resumed tracker has no parameter
+        # snapshot of the record before the checkpoint, so its first record after it is NaN there
+        for name in ("logp", "token_logp", "gram", "d_w", "d_l", "case", "predicted_delta", "observed_delta",
+                     "step_delta", "topk_ids", "topk_prob"):
+            np.testing.assert_array_equal(getattr(y, name), getattr(x, name), err_msg=name)
+        for part, values in x.step_parts.items():
+            np.testing.assert_array_equal(y.step_parts[part], values, err_msg=part)
+        assert np.isfinite(y.step_delta[1:]).all()
+        for name, values in x.inrun().items():
+            np.testing.assert_array_equal(y.inrun()[name], values, err_msg=name)
+
+
+def test_sharded_checkpoint_is_the_full_model_in_the_unsharded_layout(sharded):
+    from transformers import AutoModelForCausalLM
+
+    full, _ = _saved(sharded / "full.pt")
+    sharded_ckpt, plain_ckpt = sharded / "full" / "checkpoint-4", sharded / "ddp-full" / "checkpoint-4"
+    assert sorted(p.name for p in sharded_ckpt.iterdir()) == sorted(p.name for p in plain_ckpt.iterdir())
+    loaded = AutoModelForCausalLM.from_pretrained(sharded_ckpt)
+    _assert_same_params({k: v.detach() for k, v in loaded.state_dict().items()}, full)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # tied, saved once as unsharded runs do
+    with safe_open(sharded_ckpt / "model.safetensors", "pt") as a, safe_open(plain_ckpt / "model.safetensors", "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+    # the optimizer state has the one-process format: an unsharded AdamW over the checkpoint's model loads it
+    mine, theirs = (torch.load(path / "trainer_state.pt", weights_only=True)["optimizer"]
+                    for path in (sharded_ckpt, plain_ckpt))
+    assert mine["param_groups"] == theirs["param_groups"] and mine["state"].keys() == theirs["state"].keys()
+    optimizer = torch.optim.AdamW(loaded.parameters())
+    optimizer.load_state_dict(mine)
+    for param, (index, state) in zip(loaded.parameters(), sorted(mine["state"].items())):
+        assert optimizer.state[param]["exp_avg"].shape == param.shape
+        assert torch.equal(optimizer.state[param]["exp_avg_sq"], state["exp_avg_sq"]), index
+
+
+def test_sharded_and_unsharded_checkpoints_resume_each_other(sharded):
+    for resumed, uninterrupted in (("ddp", "full"), ("from-ddp", "ddp-full")):
+        (params, log), (expected, expected_log) = _saved(sharded / f"{resumed}.pt"), _saved(sharded / f"{uninterrupted}.pt")
+        for name in expected:  # FSDP's reduce-scatter and DDP's all-reduce round differently (float32)
+            torch.testing.assert_close(params[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert [h["step"] for h in log] == [1, 2, 3, 4] and log[:2] == expected_log[:2]
+        np.testing.assert_allclose([h["loss"] for h in log], [h["loss"] for h in expected_log], rtol=1e-5)
+
+
+def test_one_process_refuses_a_two_process_checkpoint_in_one_line(sharded, tmp_path):
+    script = _sharded_script()
+    model, tokenizer = script.model_and_tokenizer()
+    config = script.config(tmp_path, "one", fsdp=False, resume=sharded / "full" / "checkpoint-2")
+    shutil.copy(sharded / "full.h5", tmp_path / "one.h5")
+    with pytest.raises(ms.MarginscopeError, match=r"checkpoint-2: made with number of processes 2, this run has 1;") as err:
+        train(config, model=model, tokenizer=tokenizer)
+    assert "\n" not in str(err.value)

@@ -50,7 +50,7 @@ def train_command(
     truncation_mode: str = typer.Option("keep_start", "--truncation-mode", help=TRUNCATION_HELP),
     add_eos: bool = typer.Option(False, "--add-eos", help="Append EOS to every response (--convention separate)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing trace and earlier checkpoints in --out-dir."),
-    fsdp: bool = typer.Option(False, "--fsdp", help="Shard the model with FSDP2 (fully_shard per decoder block and root) instead of DDP; under torchrun, no --out-dir."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Shard the model with FSDP2 (fully_shard per decoder block and root) instead of DDP; under torchrun. Checkpoints hold the full model, as without --fsdp."),
 ) -> None:
     """Train on preference pairs with any loss of the zoo and record the probes' dynamics.
 

@@ -15,6 +15,11 @@ Vectors of the "what actually happened" views are differences of the sharded (ma
 parameter snapshots and step parts are kept as DTensor shards (one shard per rank, elementwise
 arithmetic stays local) and reassembled with `full()` (an all-gather) by every rank at a record.
 
+Checkpoints (`full_checkpoint`, `load_full_optimizer_state`) go through torch's
+`torch.distributed.checkpoint.state_dict`: the whole (unsharded) model and optimizer state gathered to
+rank 0 on the CPU, the optimizer's in the one-process format of `optimizer.state_dict()`, and loaded
+back as each rank's shards.
+
 Refused with one line (`check_supported`): FSDP1 (`FullyShardedDataParallel` wrappers) and DeepSpeed
 ZeRO-3 (partitioned parameters): use FSDP2 instead (`fully_shard`, or accelerate's `fsdp_version: 2`).
 """
@@ -22,7 +27,7 @@ ZeRO-3 (partitioned parameters): use FSDP2 instead (`fully_shard`, or accelerate
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -154,3 +159,56 @@ def no_gradient_sync(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def full_checkpoint(model: nn.Module,
+                    optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """The whole state of FSDP2-sharded `model` and its `optimizer`, for a checkpoint: every DTensor
+    all-gathered to rank 0 on the CPU (`get_model_state_dict` / `get_optimizer_state_dict` with
+    `StateDictOptions(full_state_dict=True, cpu_offload=True)`). Collective: every rank calls it.
+    Rank 0 gets (the model's state_dict: {name: full tensor of the parameter's shape}, tied parameters
+    sharing one tensor as in an unsharded state_dict; the optimizer's state_dict in
+    `optimizer.state_dict()`'s own format: state keyed by parameter index in param_groups order, full
+    tensors, so an unsharded optimizer over the same parameters loads it); the other ranks get None."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    if torch.distributed.get_rank() != 0:
+        return None
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        # tied parameters (one DTensor under several names) are gathered once per name; share one tensor
+        # again, as in the unsharded state_dict, so save_pretrained drops the tied copies as it does there
+        if name in model_state:
+            model_state[name] = model_state[first.setdefault(id(param), name)]
+    # torch names the parameters in the optimizer's order: a parameter's index is its position there
+    index = {name: i for i, name in enumerate(n for g in by_name["param_groups"] for n in g["params"])}
+    return model_state, {"state": {index[n]: s for n, s in by_name["state"].items()},
+                         "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                          for g in by_name["param_groups"]]}
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Load `state` (an `optimizer.state_dict()` of full tensors in the one-process format, as
+    `full_checkpoint` returns it; the same on every rank) into the `optimizer` of FSDP2-sharded
+    `model`: each rank keeps its shard of every tensor (`set_optimizer_state_dict` with
+    `full_state_dict=True`; no broadcast from rank 0, every rank has the whole state). Collective:
+    every rank calls it, before the first backward. Raises MarginscopeError when the state's parameter
+    indices are not the optimizer's."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    # torch's names of the optimizer's parameters in its order (this rank's view, no collective)
+    names = [n for g in get_optimizer_state_dict(model, optimizer)["param_groups"] for n in g["params"]]
+    indices = sorted(i for g in state["param_groups"] for i in g["params"])
+    if indices != list(range(len(names))):
+        raise MarginscopeError(f"the optimizer state is for {len(indices)} parameters; this optimizer has {len(names)}")
+    by_name = {"state": {names[i]: s for i, s in state["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        # the hyper-parameters as saved: torch's flattening of the state dict turns tuples (betas) into lists
+        group.update({k: v for k, v in saved.items() if k != "params"})
