@@ -23,6 +23,7 @@ from typing import Iterator
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import MarginscopeError
@@ -221,7 +222,7 @@ def _from_pretrained_tokenizer(folder: Path, shown: Path) -> PreTrainedTokenizer
 def _from_pretrained_model(folder: Path, dtype: str, shown: Path) -> PreTrainedModel:
     try:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise MarginscopeError(f"{shown}: cannot load the model: {str(err).splitlines()[0]}") from None
 
 

@@ -68,6 +68,15 @@ def test_a_corrupt_gguf_file_is_one_line(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").glob("gguf/*/source.json"))  # nothing cached
 
 
+def test_corrupt_weights_in_a_folder_are_one_line(tmp_path):
+    folder = save_tiny(tmp_path / "tiny")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])  # a truncated write
+    with pytest.raises(MarginscopeError, match=r"tiny: cannot load the model: ") as err:
+        load_model(folder)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("cache", ["off", "folder"])
 def test_an_architecture_transformers_cannot_load_is_one_line(tmp_path, monkeypatch, cache):
     monkeypatch.setenv(CACHE_ENV, "off" if cache == "off" else str(tmp_path / "cache"))

@@ -368,3 +368,18 @@ def test_one_process_refuses_a_two_process_checkpoint_in_one_line(sharded, tmp_p
     with pytest.raises(ms.MarginscopeError, match=r"checkpoint-2: made with number of processes 2, this run has 1;") as err:
         train(config, model=model, tokenizer=tokenizer)
     assert "\n" not in str(err.value)
+
+
+def test_a_full_optimizer_state_of_the_wrong_shape_is_refused_in_one_line():
+    from marginscope.integrations.fsdp import load_full_optimizer_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    state["state"][0]["exp_avg"] = state["state"][0]["exp_avg"][:-1]  # a tampered checkpoint
+    with pytest.raises(ms.errors.MarginscopeError, match=r"exp_avg of 0\.weight has shape \[3, 3\]; the parameter "
+                                                        r"has \[4, 3\]") as err:
+        load_full_optimizer_state(model, torch.optim.AdamW(model.parameters()), state)
+    assert "\n" not in str(err.value)

@@ -197,7 +197,7 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     `model`: each rank keeps its shard of every tensor (`set_optimizer_state_dict` with
     `full_state_dict=True`; no broadcast from rank 0, every rank has the whole state). Collective:
     every rank calls it, before the first backward. Raises MarginscopeError when the state's parameter
-    indices are not the optimizer's."""
+    indices are not the optimizer's, or a tensor of it is not its parameter's (full) shape."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
 
@@ -206,6 +206,12 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     indices = sorted(i for g in state["param_groups"] for i in g["params"])
     if indices != list(range(len(names))):
         raise MarginscopeError(f"the optimizer state is for {len(indices)} parameters; this optimizer has {len(names)}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor) and value.dim() > 0 and tuple(value.shape) != tuple(params[i].shape):
+                raise MarginscopeError(f"the optimizer state's {key} of {names[i]} has shape {list(value.shape)}; "
+                                       f"the parameter has {list(params[i].shape)}")
     by_name = {"state": {names[i]: s for i, s in state["state"].items()},
                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
