@@ -4,9 +4,6 @@ rank switched off on every rank; what is refused."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,30 +13,23 @@ import torch
 import marginscope as ms
 from marginscope.errors import MarginscopeError
 from marginscope.integrations.fsdp import check_supported
+from launch import run_script
 
 SCRIPT = Path(__file__).parent / "scripts" / "sharded_run.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 COMPARED = ("llama", "llama+ac", "gpt2", "gpt2+ac")
 RTOL = 1e-6  # float64 models: the sharded run differs from one process by rounding (~1e-14) only
 FIELDS = ("logp", "token_logp", "gram", "d_w", "d_l", "predicted_delta", "observed_delta", "actual_delta",
           "actual_token_delta", "step_delta")
 
 
-def _launch(out: Path, runs: tuple[str, ...], nproc: int) -> None:
-    out.mkdir()
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    done = subprocess.run([*launcher, str(SCRIPT), "--out", str(out), *runs], env=ENV, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, Path]:
     """(one process, two FSDP2 processes) folders of traces and final parameters."""
     root = tmp_path_factory.mktemp("sharded")
-    _launch(root / "one", COMPARED, nproc=1)
-    _launch(root / "two", (*COMPARED, "llama+notracker", "llama+fail", "llama+mp"), nproc=2)
+    for folder, runs, nproc in ((root / "one", COMPARED, 1),
+                                (root / "two", (*COMPARED, "llama+notracker", "llama+fail", "llama+mp"), 2)):
+        folder.mkdir()
+        run_script(SCRIPT, "--out", str(folder), *runs, nproc=nproc)
     return root / "one", root / "two"
 
 

@@ -18,10 +18,7 @@ into lr-sized steps on the coordinates whose gradient is at rounding level); fie
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,30 +30,22 @@ pytest.importorskip("datasets")
 
 import marginscope as ms  # noqa: E402
 from marginscope.integrations.trl_inrun import InRunMixin  # noqa: E402
+from launch import run_script  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "scripts" / "sharded_trl_run.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 COMPARED = ("llama", "gpt2")  # gpt2: tied embedding and head
 RTOL = 1e-6  # of each field's scale (see the module doc)
 FIELDS = ("logp", "token_logp", "gram", "d_w", "d_l", "predicted_delta", "observed_delta", "actual_delta",
           "actual_token_delta", "step_delta")
 
 
-def _launch(out: Path, runs: tuple[str, ...], nproc: int) -> None:
-    out.mkdir()
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    done = subprocess.run([*launcher, str(SCRIPT), "--out", str(out), *runs], env=ENV, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, f"stdout: {done.stdout[-2000:]}\nstderr: {done.stderr[-4000:]}"
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, Path]:
     """(one process, two FSDP2 processes) folders of traces, final parameters and run facts."""
     root = tmp_path_factory.mktemp("sharded_trl")
-    _launch(root / "one", COMPARED, nproc=1)
-    _launch(root / "two", (*COMPARED, "llama+notracker", "llama+fail"), nproc=2)
+    for folder, runs, nproc in ((root / "one", COMPARED, 1), (root / "two", (*COMPARED, "llama+notracker", "llama+fail"), 2)):
+        folder.mkdir()
+        run_script(SCRIPT, "--out", str(folder), *runs, nproc=nproc)
     return root / "one", root / "two"
 
 

@@ -13,16 +13,9 @@ import numpy as np
 import pytest
 
 import marginscope as ms
+from launch import ENV, run_script
 
 SCRIPT = Path(__file__).parent / "scripts" / "track_run.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _run(*args: str, nproc: int = 1, timeout: float = 240) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    done = subprocess.run([*launcher, str(SCRIPT), *args], env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-4000:]
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -64,8 +57,8 @@ def test_sigkill_leaves_every_completed_record_and_the_run_resumes(tmp_path):
         assert np.isfinite(tr.logp).all() and np.isfinite(tr.gram).all()
         last = int(steps[-1])
     assert (ckpt / f"step{last}.pt").exists()
-    _run("--out", str(out), "--steps", str(last + 3), "--every", "1", "--ckpt-dir", str(ckpt),
-         "--resume-from", str(last))
+    run_script(SCRIPT, "--out", str(out), "--steps", str(last + 3), "--every", "1", "--ckpt-dir", str(ckpt),
+               "--resume-from", str(last), timeout=240)
     with ms.trace.open(out) as tr:
         np.testing.assert_array_equal(tr.steps, np.arange(last + 4))
         assert tr.inrun()["step"].max() == last + 3
@@ -73,8 +66,8 @@ def test_sigkill_leaves_every_completed_record_and_the_run_resumes(tmp_path):
 
 
 def test_two_gloo_processes_write_the_same_trace_as_one(tmp_path):
-    _run("--out", str(tmp_path / "one.h5"), "--steps", "4", "--every", "2")
-    _run("--out", str(tmp_path / "two.h5"), "--steps", "4", "--every", "2", nproc=2)
+    run_script(SCRIPT, "--out", str(tmp_path / "one.h5"), "--steps", "4", "--every", "2", timeout=240)
+    run_script(SCRIPT, "--out", str(tmp_path / "two.h5"), "--steps", "4", "--every", "2", nproc=2, timeout=240)
     with ms.trace.open(tmp_path / "one.h5") as one, ms.trace.open(tmp_path / "two.h5") as two:
         np.testing.assert_array_equal(one.steps, two.steps)
         assert two.metadata["world_size"] == 2

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ from marginscope.dynamics.scoring import sequence_logp
 from marginscope.loading import load_model, load_tokenizer
 from marginscope.probes import ProbeSet
 from marginscope.train import DataOrder, TrainConfig, _grad_norm, train
+from launch import run_script
 
 PAIRS = ProbeSet.from_records([
     {"id": f"t{i}", "prompt": prompt, "chosen": chosen, "rejected": rejected}
@@ -289,10 +287,7 @@ def _sharded_script():
 def sharded(tmp_path_factory) -> Path:
     """The runs of sharded_train.py: full, cut (resumed sharded), ddp (resumed with DDP), ddp-full, from-ddp."""
     out = tmp_path_factory.mktemp("sharded-train")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run([*launcher, str(SHARDED_SCRIPT), "--out", str(out)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=400)
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_script(SHARDED_SCRIPT, "--out", str(out), nproc=2, timeout=400)
     return out
 
 
